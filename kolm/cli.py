@@ -1,0 +1,204 @@
+"""The `kolm` command line: parses arguments and calls into the library, nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from kolm.errors import KolmError
+
+SHARD_TOOLS = ("verify", "stats", "merge")
+
+
+def _size(text: str) -> int:
+    """Parse sizes like 512M, 2G, 65536."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().rstrip("b")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 65536, 512M, 2G)") from e
+
+
+def _add_corpus_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help="corpus files, directories or globs (.txt, .txt.gz, .jsonl, .jsonl.gz, .parquet, .arrow)")
+    p.add_argument("--text-field", default="text", help="JSON/parquet field holding the text (default: text)")
+    p.add_argument("--skip-malformed", action="store_true",
+                   help="skip and count malformed JSON lines instead of stopping")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kolm", description="Korean Phi pretraining kit")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tool", required=True)
+    train = tok.add_parser("train", help="train a byte-level BPE tokenizer from a corpus")
+    _add_corpus_args(train)
+    train.add_argument("--vocab-size", type=int, required=True)
+    train.add_argument("--out", required=True, help="output tokenizer directory")
+    train.add_argument("--min-frequency", type=int, default=2)
+    train.add_argument("--max-documents", type=int, default=None, help="train on the first N documents only")
+    train.add_argument("--force", action="store_true", help="replace an existing output directory")
+
+    shard = sub.add_parser(
+        "shard",
+        help="tokenize a corpus into MMIDIDX shards (also: kolm shard verify|stats|merge DIR)",
+    )
+    _add_corpus_args(shard)
+    shard.add_argument("--tokenizer", required=True, help="tokenizer directory")
+    shard.add_argument("--out", required=True, help="output shard directory")
+    shard.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    shard.add_argument("--valid-fraction", type=float, default=0.001)
+    shard.add_argument("--max-shard-tokens", type=_size, default=1 << 28, help="tokens per shard at most (about)")
+    shard.add_argument("--unit-bytes", type=_size, default=256 << 20, help="input bytes per work unit")
+    shard.add_argument("--num-tasks", type=int, default=None, help="array tasks (default: SLURM_ARRAY_TASK_COUNT or 1)")
+    shard.add_argument("--task-index", type=int, default=None, help="this task (default: from SLURM_ARRAY_TASK_ID)")
+    shard.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
+    shard.add_argument("--checkpoint-seconds", type=float, default=10.0, help=argparse.SUPPRESS)
+    shard.add_argument("--chunk-docs", type=int, default=1024, help=argparse.SUPPRESS)
+    shard.add_argument("--piece-bytes", type=_size, default=1 << 20, help=argparse.SUPPRESS)
+    shard.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    demo = sub.add_parser("demo", help="run the whole line on the bundled Korean corpus")
+    demo.add_argument("--corpus", nargs="+", default=None, help="your own corpus instead of the bundled one")
+    demo.add_argument("--out", default="kolm-demo", help="where everything is written (default: ./kolm-demo)")
+    demo.add_argument("--vocab-size", type=int, default=8000)
+    return parser
+
+
+def build_shard_tool_parser(tool: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"kolm shard {tool}")
+    p.add_argument("dir", help="shard directory")
+    if tool == "verify":
+        p.add_argument("--tokenizer", default=None, help="also check the shards match this tokenizer")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if len(argv) >= 2 and argv[0] == "shard" and argv[1] in SHARD_TOOLS:
+            return _shard_tool(argv[1], build_shard_tool_parser(argv[1]).parse_args(argv[2:]))
+        args = build_parser().parse_args(argv)
+        if args.command == "tokenizer":
+            return _tokenizer_train(args)
+        if args.command == "shard":
+            return _shard(args)
+        if args.command == "demo":
+            from kolm.demo import run_demo
+
+            run_demo(args.out, corpus=args.corpus, vocab_size=args.vocab_size)
+            return 0
+    except KolmError as e:
+        print(f"kolm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kolm: interrupted; re-run the same command to continue", file=sys.stderr)
+        return 130
+    return 1
+
+
+def _tokenizer_train(args: argparse.Namespace) -> int:
+    from kolm.tokenizer import train_tokenizer
+
+    report = train_tokenizer(
+        args.input, args.out, args.vocab_size, min_frequency=args.min_frequency,
+        text_field=args.text_field, skip_malformed=args.skip_malformed,
+        max_documents=args.max_documents, force=args.force, progress=sys.stderr.isatty(),
+    )
+    print(format_tokenizer_report(report))
+    return 0
+
+
+def format_tokenizer_report(r: dict) -> str:
+    sample = "training text (corpus too small to hold any back)" if r["heldout_is_training_text"] else (
+        f"{r['heldout_documents']} held-back documents"
+    )
+    return (
+        f"tokenizer written to {r['out']}: vocabulary {r['vocab_size']}, trained on {r['documents']} documents\n"
+        f"compression: {r['chars_per_token']:.3f} characters per token on {sample}"
+    )
+
+
+def _shard(args: argparse.Namespace) -> int:
+    from kolm.shard import ShardOptions, default_task, run_shard
+
+    num_tasks, task_index = default_task()
+    options = ShardOptions(
+        valid_fraction=args.valid_fraction, text_field=args.text_field,
+        skip_malformed=args.skip_malformed, max_shard_tokens=args.max_shard_tokens,
+        unit_bytes=args.unit_bytes, chunk_docs=args.chunk_docs, piece_bytes=args.piece_bytes,
+    )
+    start = time.perf_counter()
+    manifest = run_shard(
+        args.input, args.tokenizer, args.out, options, workers=args.workers,
+        num_tasks=args.num_tasks if args.num_tasks is not None else num_tasks,
+        task_index=args.task_index if args.task_index is not None else task_index,
+        overwrite=args.overwrite, progress=not args.no_progress,
+        checkpoint_seconds=args.checkpoint_seconds,
+    )
+    if manifest is not None:
+        print(format_shard_summary(args.out, manifest, time.perf_counter() - start))
+    return 0
+
+
+def format_shard_summary(out: str, m: dict, seconds: float) -> str:
+    c = m["corpus"]
+    lines = [
+        f"shards written to {out}: {len(m['shards'])} shards, {c['documents']} documents, "
+        f"{c['tokens']} tokens, {c['characters']} characters "
+        f"({c['characters'] / max(c['tokens'], 1):.3f} chars/token) in {seconds:.1f}s"
+    ]
+    for split, s in m["splits"].items():
+        lines.append(f"  {split}: {s['documents']} documents, {s['tokens']} tokens in {s['shards']} shards")
+    lines.append(
+        f"  skipped {c['skipped_empty']} empty lines, repaired {c['repaired_utf8']} lines with invalid UTF-8, "
+        f"{c['long_documents']} long documents streamed in pieces, {c['malformed_skipped']} malformed skipped"
+    )
+    if m["splits"]["valid"]["documents"] == 0:
+        lines.append("  warning: the validation split is empty; raise --valid-fraction for evaluation")
+    return "\n".join(lines)
+
+
+def _shard_tool(tool: str, args: argparse.Namespace) -> int:
+    from kolm import manifest
+
+    if tool == "stats":
+        print(manifest.stats_table(args.dir))
+        return 0
+    if tool == "merge":
+        from kolm.shard import finalize
+
+        m = finalize(args.dir)
+        print(format_shard_summary(args.dir, m, 0.0))
+        return 0
+    fingerprint = None
+    if args.tokenizer:
+        from kolm.tokenizer import load_tokenizer_info
+
+        fingerprint = load_tokenizer_info(args.tokenizer).fingerprint()
+    problems = manifest.verify(args.dir, fingerprint)
+    if problems:
+        for p in problems:
+            print(f"BAD {p}", file=sys.stderr)
+        print(f"kolm: error: {len(problems)} problems in {args.dir}; re-run `kolm shard --overwrite` "
+              "to rebuild the damaged shards", file=sys.stderr)
+        return 1
+    sd = manifest.load_shard_dir(args.dir)
+    print(f"OK {args.dir}: {len(sd.manifest['shards'])} shards verified")
+    return 0
+
+
+def _json(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False, indent=2)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    sys.exit(main())

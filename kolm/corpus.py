@@ -1,0 +1,408 @@
+"""Corpus reading: find input files, cut them into work units, stream raw records, normalize text.
+
+Reading (bytes off disk, in order) happens in one process; normalizing and tokenizing happen in
+workers. Everything here is deterministic: the same inputs give the same units, chunks and
+documents whatever the number of workers or array tasks.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import importlib.metadata
+import json
+import os
+import unicodedata
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from kolm.errors import KolmError
+
+FORMATS = {
+    ".txt": ("text", False),
+    ".txt.gz": ("text", True),
+    ".jsonl": ("jsonl", False),
+    ".jsonl.gz": ("jsonl", True),
+    ".parquet": ("parquet", False),
+    ".arrow": ("arrow", False),
+}
+FORMAT_HELP = ", ".join(FORMATS)
+NORMALIZATION = "utf8-replace+nfc+strip"
+
+# Piece flags for documents longer than the piece size: they travel as several chunks.
+WHOLE, FIRST, MIDDLE, LAST = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str
+    format: str
+    compressed: bool
+    size: int
+    mtime_ns: int
+
+    @property
+    def splittable(self) -> bool:
+        return self.format in ("text", "jsonl") and not self.compressed
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A byte range of one file: the records whose first byte lies in [start, end)."""
+
+    file: InputFile
+    start: int = 0
+    end: int | None = None
+
+
+@dataclass(frozen=True)
+class Unit:
+    """The unit of resumable work and of array-task partitioning."""
+
+    index: int
+    segments: tuple[Segment, ...]
+
+
+@dataclass
+class Chunk:
+    """Raw records handed to a tokenizer worker.
+
+    ``records`` are bytes lines (text, jsonl) or strings (parquet, arrow). ``first_line`` is the
+    1-based line (or row) number of the first record when known, for error messages.
+    """
+
+    kind: str
+    records: list
+    source: str
+    first_line: int | None
+    start_offset: int
+    piece: int = WHOLE
+
+
+def format_of(path: str) -> tuple[str, bool] | None:
+    name = path.lower()
+    for suffix in sorted(FORMATS, key=len, reverse=True):
+        if name.endswith(suffix):
+            return FORMATS[suffix]
+    return None
+
+
+def find_inputs(specs: list[str]) -> list[InputFile]:
+    """Expand files, directories and globs into a sorted list of readable corpus files."""
+    if not specs:
+        raise KolmError("no --input given: pass corpus files, directories or globs")
+    paths: set[str] = set()
+    for spec in specs:
+        paths.update(_expand(spec))
+    files = []
+    for p in sorted(paths):
+        fmt, compressed = format_of(p)
+        if not os.access(p, os.R_OK):
+            raise KolmError(f"{p}: file is not readable (check its permissions)")
+        st = os.stat(p)
+        files.append(InputFile(p, fmt, compressed, st.st_size, st.st_mtime_ns))
+    return files
+
+
+def _expand(spec: str) -> list[str]:
+    if os.path.isdir(spec):
+        found = [
+            str(p.resolve())
+            for p in Path(spec).rglob("*")
+            if p.is_file() and format_of(str(p)) and not p.name.startswith(".")
+        ]
+        if not found:
+            raise KolmError(f"{spec}: directory holds no corpus files ({FORMAT_HELP})")
+        return found
+    if any(c in spec for c in "*?["):
+        matched = sorted(glob.glob(spec, recursive=True))
+        found = [str(Path(m).resolve()) for m in matched if os.path.isfile(m) and format_of(m)]
+        if not found:
+            raise KolmError(f"{spec}: pattern matches no corpus files ({FORMAT_HELP})")
+        return found
+    if not os.path.exists(spec):
+        raise KolmError(f"{spec}: no such file or directory")
+    if not format_of(spec):
+        raise KolmError(f"{spec}: unknown corpus format; supported: {FORMAT_HELP}")
+    return [str(Path(spec).resolve())]
+
+
+def plan_units(files: list[InputFile], unit_bytes: int) -> list[Unit]:
+    """Cut the inputs into units of about ``unit_bytes``: big plain files split into byte
+    ranges, small files grouped in order. Depends only on the file list and sizes."""
+    units: list[Unit] = []
+    group: list[Segment] = []
+    group_bytes = 0
+
+    def flush() -> None:
+        nonlocal group, group_bytes
+        if group:
+            units.append(Unit(len(units), tuple(group)))
+            group, group_bytes = [], 0
+
+    for f in files:
+        if f.splittable and f.size > unit_bytes:
+            flush()
+            for start in range(0, f.size, unit_bytes):
+                units.append(Unit(len(units), (Segment(f, start, min(f.size, start + unit_bytes)),)))
+        elif f.size >= unit_bytes:
+            flush()
+            units.append(Unit(len(units), (Segment(f),)))
+        else:
+            if group_bytes + f.size > unit_bytes:
+                flush()
+            group.append(Segment(f))
+            group_bytes += f.size
+    flush()
+    return units
+
+
+def iter_chunks(unit: Unit, chunk_docs: int, chunk_bytes: int, piece_bytes: int) -> Iterator[Chunk]:
+    """Stream a unit's records as chunks of at most ``chunk_docs`` records / ``chunk_bytes``."""
+    for seg in unit.segments:
+        if seg.file.format in ("text", "jsonl"):
+            yield from _line_chunks(seg, chunk_docs, chunk_bytes, piece_bytes)
+        elif seg.file.format == "parquet":
+            yield from _parquet_chunks(seg, chunk_docs)
+        else:
+            yield from _arrow_chunks(seg, chunk_docs)
+
+
+def _open_binary(f: InputFile):
+    try:
+        return gzip.open(f.path, "rb") if f.compressed else open(f.path, "rb", buffering=1 << 20)
+    except OSError as e:
+        raise KolmError(f"{f.path}: cannot open ({e.strerror or e})") from e
+
+
+def _line_chunks(seg: Segment, chunk_docs: int, chunk_bytes: int, piece_bytes: int) -> Iterator[Chunk]:
+    kind, path = seg.file.format, seg.file.path
+    records: list[bytes] = []
+    size = 0
+    first_line: int | None = 1 if seg.start == 0 else None
+    line_no = 1
+    chunk_offset = seg.start
+    try:
+        with _open_binary(seg.file) as f:
+            pos = _seek_to_line(f, seg.start)
+            # JSON lines must be parsed whole; plain text lines are streamed in pieces.
+            limit = piece_bytes if kind == "text" else -1
+            while seg.end is None or pos < seg.end:
+                line = f.readline(limit)
+                if not line:
+                    break
+                if len(line) == limit and not line.endswith(b"\n"):
+                    # A line longer than a piece: flush what we have, then stream it in pieces.
+                    if records:
+                        yield Chunk(kind, records, path, first_line, chunk_offset)
+                    pos += yield from _long_line_pieces(f, line, kind, path, line_no, pos, piece_bytes)
+                    records, size = [], 0
+                else:
+                    if not records:
+                        chunk_offset = pos
+                        first_line = line_no if seg.start == 0 else None
+                    pos += len(line)
+                    records.append(line)
+                    size += len(line)
+                    if len(records) >= chunk_docs or size >= chunk_bytes:
+                        yield Chunk(kind, records, path, first_line, chunk_offset)
+                        records, size = [], 0
+                line_no += 1
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise KolmError(f"{path}: read failed ({e}); the file is truncated or corrupt") from e
+    if records:
+        yield Chunk(kind, records, path, first_line, chunk_offset)
+
+
+def _seek_to_line(f, start: int) -> int:
+    """Position ``f`` at the first line that starts at or after ``start``; return the offset."""
+    if start == 0:
+        return 0
+    f.seek(start - 1)
+    return start - 1 + len(f.readline())
+
+
+def _long_line_pieces(f, head: bytes, kind: str, path: str, line_no: int, pos: int, piece_bytes: int):
+    """Yield one over-long line as FIRST/MIDDLE/LAST piece chunks of bounded size.
+
+    Pieces are cut just before a space when there is one (byte-level BPE starts a word at its
+    leading space, so the tokens match those of the whole line), else at a character boundary.
+    Returns the number of bytes consumed.
+    """
+    consumed = len(head)
+    buf = head
+    flag = FIRST
+    offset = pos
+    while True:
+        ended = buf.endswith(b"\n")
+        if ended or len(buf) < piece_bytes:
+            more = b""
+        else:
+            more = f.readline(piece_bytes)
+            consumed += len(more)
+        if not more:
+            yield Chunk(kind, [buf], path, line_no, offset, LAST)
+            return consumed
+        cut = _cut_point(buf)
+        yield Chunk(kind, [buf[:cut]], path, line_no, offset, flag)
+        flag = MIDDLE
+        offset += cut
+        buf = buf[cut:] + more
+        # Keep each piece bounded: carry at most one piece of backlog.
+        while len(buf) > piece_bytes:
+            cut = _cut_point(buf[:piece_bytes])
+            yield Chunk(kind, [buf[:cut]], path, line_no, offset, MIDDLE)
+            offset += cut
+            buf = buf[cut:]
+
+
+def _cut_point(buf: bytes) -> int:
+    space = buf.rfind(b" ", len(buf) // 2)
+    if space > 0:
+        return space
+    cut = len(buf)
+    while cut > 0 and (buf[cut - 1] & 0xC0) == 0x80:
+        cut -= 1
+    # buf[cut-1] is now a lead byte whose sequence may be incomplete: cut before it.
+    if cut > 0 and buf[cut - 1] >= 0xC0:
+        cut -= 1
+    return cut or len(buf)
+
+
+def _parquet_chunks(seg: Segment, chunk_docs: int) -> Iterator[Chunk]:
+    import pyarrow.parquet as pq
+
+    path = seg.file.path
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:
+        raise KolmError(f"{path}: not a readable parquet file ({e})") from e
+    yield from _table_chunks(path, pf.iter_batches(batch_size=chunk_docs), chunk_docs, "parquet")
+
+
+def _arrow_chunks(seg: Segment, chunk_docs: int) -> Iterator[Chunk]:
+    import pyarrow as pa
+
+    path = seg.file.path
+    try:
+        reader = pa.ipc.open_stream(pa.memory_map(path))
+    except Exception:
+        try:
+            reader = pa.ipc.open_file(pa.memory_map(path))
+            reader = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        except Exception as e:
+            raise KolmError(f"{path}: not a readable Arrow file ({e})") from e
+    yield from _table_chunks(path, reader, chunk_docs, "arrow")
+
+
+def _table_chunks(path: str, batches, chunk_docs: int, kind: str) -> Iterator[Chunk]:
+    """Rows of a columnar file as chunks; the worker picks the text column out of each row."""
+    row = 1
+    pending: list = []
+    for batch in batches:
+        pending.extend(batch.to_pylist())
+        while len(pending) >= chunk_docs:
+            yield Chunk(kind, pending[:chunk_docs], path, row, 0)
+            row += chunk_docs
+            pending = pending[chunk_docs:]
+    if pending:
+        yield Chunk(kind, pending, path, row, 0)
+
+
+class Decoder:
+    """Turns raw records into normalized document text, counting what it repaired or skipped."""
+
+    def __init__(self, text_field: str = "text", skip_malformed: bool = False):
+        self.text_field = text_field
+        self.skip_malformed = skip_malformed
+
+    def text(self, chunk: Chunk, i: int, record, stats: dict) -> str | None:
+        """Normalized text of record ``i`` of ``chunk``, or None for a skipped record."""
+        if chunk.kind == "text":
+            return self._normalize(self._decode(record, stats), chunk.piece)
+        if chunk.kind == "jsonl":
+            value = self._json_field(chunk, i, self._decode(record, stats), stats)
+        else:
+            value = self._row_field(chunk, i, record, stats)
+        return None if value is None else self._normalize(value, WHOLE)
+
+    @staticmethod
+    def _decode(raw: bytes, stats: dict) -> str:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            stats["repaired_utf8"] += 1
+            return raw.decode("utf-8", errors="replace")
+
+    @staticmethod
+    def _normalize(text: str, piece: int) -> str:
+        if not unicodedata.is_normalized("NFC", text):
+            text = unicodedata.normalize("NFC", text)
+        if piece == WHOLE:
+            return text.strip()
+        if piece == FIRST:
+            return text.lstrip()
+        if piece == LAST:
+            return text.rstrip()
+        return text
+
+    def _json_field(self, chunk: Chunk, i: int, line: str, stats: dict) -> str | None:
+        if not line.strip():
+            return ""
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            return self._malformed(chunk, i, f"invalid JSON ({e.msg})", stats)
+        value = obj.get(self.text_field) if isinstance(obj, dict) else None
+        if not isinstance(value, str):
+            return self._malformed(chunk, i, f"no string field {self.text_field!r}", stats)
+        return value
+
+    def _row_field(self, chunk: Chunk, i: int, row: dict, stats: dict) -> str | None:
+        value = row.get(self.text_field)
+        if value is None and self.text_field not in row:
+            columns = ", ".join(row)
+            raise KolmError(
+                f"{chunk.source}: no column {self.text_field!r} (columns: {columns}); "
+                "pass --text-field NAME"
+            )
+        if not isinstance(value, str):
+            return ""
+        return value
+
+    def _malformed(self, chunk: Chunk, i: int, why: str, stats: dict) -> None:
+        if self.skip_malformed:
+            stats["malformed_skipped"] += 1
+            return None
+        where = (
+            f"line {chunk.first_line + i}"
+            if chunk.first_line is not None
+            else f"record {i + 1} of the block at byte {chunk.start_offset}"
+        )
+        raise KolmError(
+            f"{chunk.source}, {where}: {why}. Fix the line, choose the field with --text-field, "
+            "or pass --skip-malformed to skip and count such lines"
+        )
+
+
+def bundled_corpus_files() -> list[str]:
+    """The Korean texts shipped inside the konlpy wheel (constitution and bills), as paths.
+
+    Located through the installed distribution's metadata; konlpy's code is never imported.
+    """
+    try:
+        dist = importlib.metadata.distribution("konlpy")
+    except importlib.metadata.PackageNotFoundError as e:
+        raise KolmError(
+            "the bundled demo corpus comes from the `konlpy` package, which is not installed: "
+            "`pip install 'kolm[demo]'` (or `pip install konlpy`), or pass --corpus PATH"
+        ) from e
+    files = sorted(
+        str(dist.locate_file(f))
+        for f in dist.files or []
+        if "/data/corpus/" in str(f).replace(os.sep, "/") and str(f).endswith(".txt")
+    )
+    if not files:
+        raise KolmError("the installed konlpy package has no corpus files; pass --corpus PATH")
+    return files

@@ -1,0 +1,146 @@
+"""A shard directory as a whole: loading its manifest, verifying every shard, summarizing it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kolm.errors import KolmError
+from kolm.files import read_json, sha256_file
+from kolm.indexed import open_tokens, read_index
+
+FORMAT = "kolm-shards"
+SPLITS = ("train", "valid")
+
+
+@dataclass
+class ShardDir:
+    path: Path
+    manifest: dict
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.manifest["dtype"])
+
+    @property
+    def tokenizer(self) -> dict:
+        return self.manifest["tokenizer"]
+
+    def shards(self, split: str) -> list[dict]:
+        if split not in SPLITS:
+            raise KolmError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+        return [s for s in self.manifest["shards"] if s["split"] == split]
+
+    def shard_path(self, entry: dict, suffix: str) -> Path:
+        return self.path / f"{entry['path']}{suffix}"
+
+
+def load_shard_dir(path: str | os.PathLike) -> ShardDir:
+    """Open a finished shard directory; a missing or hand-broken manifest is a clear error."""
+    p = Path(path)
+    mf = p / "manifest.json"
+    if not p.is_dir():
+        raise KolmError(f"{p}: no such shard directory; create it with `kolm shard`")
+    if not mf.is_file():
+        hint = "sharding is unfinished: re-run the same `kolm shard` command" if (p / ".work").is_dir() else (
+            "run `kolm shard` first"
+        )
+        raise KolmError(f"{p}: no manifest.json ({hint})")
+    try:
+        manifest = read_json(mf)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise KolmError(f"{mf}: not valid JSON ({e}); re-run `kolm shard --overwrite` to rebuild") from e
+    required = ("format", "tokenizer", "dtype", "shards", "splits")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or any(k not in manifest for k in required):
+        raise KolmError(f"{mf}: not a kolm shard manifest (missing {', '.join(required)})")
+    return ShardDir(p, manifest)
+
+
+def check_tokenizer(shards: ShardDir, tokenizer_fingerprint: dict, tokenizer_path: str = "the tokenizer") -> None:
+    """Refuse a tokenizer that differs from the one the shards were made with."""
+    mine = shards.tokenizer
+    if mine != tokenizer_fingerprint:
+        diffs = [k for k in ("vocab_size", "eos_id", "sha256") if mine.get(k) != tokenizer_fingerprint.get(k)]
+        raise KolmError(
+            f"{tokenizer_path} does not match the tokenizer of {shards.path} "
+            f"(differs in {', '.join(diffs)}); use the tokenizer the shards were made with, "
+            "or re-shard with this one"
+        )
+
+
+def verify(path: str | os.PathLike, tokenizer_fingerprint: dict | None = None) -> list[str]:
+    """Check every shard against the manifest. Returns a list of problems (empty when sound)."""
+    sd = load_shard_dir(path)
+    problems: list[str] = []
+    if tokenizer_fingerprint is not None:
+        try:
+            check_tokenizer(sd, tokenizer_fingerprint)
+        except KolmError as e:
+            problems.append(str(e))
+    vocab = sd.tokenizer["vocab_size"]
+    eos = sd.tokenizer["eos_id"]
+    for entry in sd.manifest["shards"]:
+        problems.extend(_verify_shard(sd, entry, vocab, eos))
+    return problems
+
+
+def _verify_shard(sd: ShardDir, entry: dict, vocab: int, eos: int) -> list[str]:
+    name = entry["path"]
+    bin_path, idx_path = sd.shard_path(entry, ".bin"), sd.shard_path(entry, ".idx")
+    for p in (bin_path, idx_path):
+        if not p.is_file():
+            return [f"{p}: missing"]
+    problems = []
+    if bin_path.stat().st_size != entry["bin_bytes"]:
+        problems.append(f"{bin_path}: {bin_path.stat().st_size} bytes, manifest says {entry['bin_bytes']} (truncated?)")
+    if sha256_file(bin_path) != entry["bin_sha256"]:
+        problems.append(f"{bin_path}: sha256 differs from the manifest (corrupt)")
+    if sha256_file(idx_path) != entry["idx_sha256"]:
+        problems.append(f"{idx_path}: sha256 differs from the manifest (corrupt)")
+    try:
+        index = read_index(idx_path)
+    except KolmError as e:
+        return problems + [str(e)]
+    if index.dtype != sd.dtype:
+        problems.append(f"{idx_path}: dtype {index.dtype} but manifest says {sd.dtype}")
+        return problems
+    if len(index.sizes) != entry["documents"] or index.num_tokens != entry["tokens"]:
+        problems.append(f"{name}: index counts ({len(index.sizes)} docs, {index.num_tokens} tokens) differ from the manifest")
+        return problems
+    expected_ptr = np.concatenate([[0], np.cumsum(index.sizes[:-1], dtype=np.int64)]) * sd.dtype.itemsize
+    if len(index.sizes) and not np.array_equal(index.pointers, expected_ptr):
+        problems.append(f"{idx_path}: byte pointers are inconsistent with the lengths")
+    if not np.array_equal(index.doc_idx, np.arange(len(index.sizes) + 1)):
+        problems.append(f"{idx_path}: document indices are not 0..n")
+    if problems or bin_path.stat().st_size != index.num_tokens * sd.dtype.itemsize:
+        return problems or [f"{bin_path}: size does not match its index"]
+    tokens = open_tokens(bin_path, sd.dtype)
+    if len(tokens):
+        top = int(tokens.max())
+        if top >= vocab:
+            problems.append(f"{bin_path}: token id {top} is outside the vocabulary ({vocab})")
+        ends = np.cumsum(index.sizes, dtype=np.int64) - 1
+        if not np.all(tokens[ends] == eos):
+            problems.append(f"{bin_path}: a document does not end with EOS ({eos})")
+    return problems
+
+
+def stats_table(path: str | os.PathLike) -> str:
+    """Documents, tokens, characters and characters per token per split, as a text table."""
+    sd = load_shard_dir(path)
+    rows = [("split", "shards", "documents", "tokens", "characters", "chars/token")]
+    for split in SPLITS:
+        s = sd.manifest["splits"][split]
+        cpt = s["characters"] / s["tokens"] if s["tokens"] else 0.0
+        rows.append((split, s["shards"], s["documents"], s["tokens"], s["characters"], f"{cpt:.3f}"))
+    c = sd.manifest["corpus"]
+    lines = ["  ".join(f"{v:>12}" if i else f"{v:<6}" for i, v in enumerate(r)) for r in rows]
+    lines.append(
+        f"corpus: {c['records']} records, {c['skipped_empty']} empty skipped, "
+        f"{c['repaired_utf8']} repaired (invalid UTF-8), {c['long_documents']} long documents, "
+        f"{c['malformed_skipped']} malformed skipped; dtype {sd.dtype.name}, vocab {sd.tokenizer['vocab_size']}"
+    )
+    return "\n".join(lines)

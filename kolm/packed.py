@@ -1,0 +1,146 @@
+"""PackedDataset: a split's tokens as one stream, cut into ``seq_len + 1`` windows.
+
+Window ``i`` is tokens ``[i*seq_len, i*seq_len + seq_len + 1)``: inputs are its first
+``seq_len`` tokens and labels its last ``seq_len``, so no token is padding and only the final
+partial window is dropped. The global sample order is a permutation of the windows drawn from
+``(seed, epoch)`` alone; a data-parallel rank takes a contiguous slice of every global batch.
+Hence the samples behind each optimizer step do not depend on the world size, and a run
+resumed from ``consumed_samples`` sees exactly what an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+
+import numpy as np
+
+from kolm.errors import KolmError
+from kolm.indexed import open_tokens
+from kolm.manifest import load_shard_dir
+
+
+class PackedDataset:
+    def __init__(self, shard_dir: str | os.PathLike, split: str, seq_len: int, seed: int = 1234):
+        if seq_len < 1:
+            raise KolmError(f"seq_len must be positive, got {seq_len}")
+        self.shard_dir = load_shard_dir(shard_dir)
+        self.split, self.seq_len, self.seed = split, seq_len, seed
+        entries = self.shard_dir.shards(split)
+        dtype = self.shard_dir.dtype
+        self._tokens = []
+        for e in entries:
+            path = self.shard_dir.shard_path(e, ".bin")
+            if not path.is_file() or path.stat().st_size != e["bin_bytes"]:
+                raise KolmError(
+                    f"{path}: missing or not the size the manifest records; "
+                    f"run `kolm shard verify {self.shard_dir.path}`"
+                )
+            self._tokens.append(open_tokens(path, dtype))
+        self._offsets = np.cumsum([0] + [len(t) for t in self._tokens], dtype=np.int64)
+        self.total_tokens = int(self._offsets[-1])
+        self.num_samples = max(0, (self.total_tokens - 1) // seq_len)
+        if self.num_samples == 0:
+            hint = " (raise --valid-fraction when sharding)" if split == "valid" else ""
+            raise KolmError(
+                f"{self.shard_dir.path}: split {split!r} has {self.total_tokens} tokens, "
+                f"not enough for one window of seq_len {seq_len} + 1{hint}"
+            )
+        self._perm_epoch: int | None = None
+        self._perm: np.ndarray | None = None
+
+    @property
+    def fingerprint(self) -> dict:
+        """What a checkpoint records to detect a resume on different data."""
+        manifest = self.shard_dir.path / "manifest.json"
+        return {
+            "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
+            "split": self.split,
+            "seq_len": self.seq_len,
+            "seed": self.seed,
+            "num_samples": self.num_samples,
+        }
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def window(self, i: int) -> np.ndarray:
+        """Window ``i`` in stream order, as int64 of length ``seq_len + 1``."""
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"window {i} out of range [0, {self.num_samples})")
+        return self._read(i * self.seq_len, self.seq_len + 1)
+
+    def _read(self, start: int, length: int) -> np.ndarray:
+        out = np.empty(length, dtype=np.int64)
+        k = int(np.searchsorted(self._offsets, start, side="right")) - 1
+        filled = 0
+        while filled < length:
+            local = start + filled - int(self._offsets[k])
+            piece = self._tokens[k][local : local + length - filled]
+            out[filled : filled + len(piece)] = piece
+            filled += len(piece)
+            k += 1
+        return out
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The order of windows in ``epoch``; depends only on (seed, epoch, num_samples)."""
+        if self._perm_epoch != epoch:
+            rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
+            self._perm = rng.permutation(self.num_samples)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def sample_index(self, g: int) -> int:
+        """The window behind global sample ``g`` (epochs follow one another)."""
+        epoch, pos = divmod(g, self.num_samples)
+        return int(self.permutation(epoch)[pos])
+
+    def samples(self, start: int, count: int) -> np.ndarray:
+        """Global samples ``[start, start + count)`` stacked as ``(count, seq_len + 1)``."""
+        return np.stack([self.window(self.sample_index(g)) for g in range(start, start + count)])
+
+    def rank_batches(
+        self, consumed_samples: int, global_batch: int, micro_batch: int, dp_rank: int, dp_world: int
+    ) -> Iterator[np.ndarray]:
+        """Micro-batches for one data-parallel rank, from ``consumed_samples`` on, forever.
+
+        Each global batch of ``global_batch`` samples is split into ``dp_world`` contiguous
+        slices; rank ``r`` takes slice ``r`` in micro-batches of ``micro_batch`` (its gradient
+        accumulation steps, in order).
+        """
+        check_batch_layout(global_batch, micro_batch, dp_world)
+        if not 0 <= dp_rank < dp_world:
+            raise KolmError(f"data-parallel rank {dp_rank} is outside [0, {dp_world})")
+        if consumed_samples % global_batch:
+            raise KolmError(
+                f"consumed_samples {consumed_samples} is not a multiple of the global batch {global_batch}: "
+                "a run can only resume on a step boundary with the same global batch"
+            )
+        per_rank = global_batch // dp_world
+        step = consumed_samples // global_batch
+        while True:
+            base = step * global_batch + dp_rank * per_rank
+            for a in range(per_rank // micro_batch):
+                yield self.samples(base + a * micro_batch, micro_batch)
+            step += 1
+
+    def eval_batches(self, micro_batch: int, dp_rank: int, dp_world: int, max_samples: int | None = None) -> Iterator[np.ndarray]:
+        """Windows in stream order (no shuffle), rank ``r`` taking every ``dp_world``-th batch."""
+        n = self.num_samples if max_samples is None else min(max_samples, self.num_samples)
+        starts = range(dp_rank * micro_batch, n, dp_world * micro_batch)
+        for s in starts:
+            yield np.stack([self.window(i) for i in range(s, min(s + micro_batch, n))])
+
+
+def check_batch_layout(global_batch: int, micro_batch: int, dp_world: int) -> int:
+    """Gradient accumulation steps for a layout, or a clear error when it is impossible."""
+    if min(global_batch, micro_batch, dp_world) < 1:
+        raise KolmError("global_batch, micro_batch and the data-parallel size must all be positive")
+    if global_batch % (micro_batch * dp_world):
+        raise KolmError(
+            f"global batch {global_batch} is not divisible by micro batch {micro_batch} x "
+            f"{dp_world} data-parallel ranks = {micro_batch * dp_world}; choose a global batch that is a "
+            "multiple of it, or change the micro batch"
+        )
+    return global_batch // (micro_batch * dp_world)

@@ -1,0 +1,169 @@
+"""Byte-level BPE tokenizers: training from a corpus stream, loading, fingerprinting."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from kolm.corpus import Decoder, find_inputs, iter_chunks, plan_units
+from kolm.errors import KolmError
+from kolm.files import sha256_file
+
+EOS = "<|endoftext|>"
+MIN_VOCAB = 512
+HOLDOUT_EVERY = 50
+HOLDOUT_MAX_CHARS = 2_000_000
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """What shards and models must agree on: the tokenizer file's hash, vocabulary and EOS."""
+
+    path: str
+    sha256: str
+    vocab_size: int
+    eos_id: int
+
+    def fingerprint(self) -> dict:
+        return {"sha256": self.sha256, "vocab_size": self.vocab_size, "eos_id": self.eos_id}
+
+
+def load_tokenizer_info(directory: str | os.PathLike) -> TokenizerInfo:
+    """Read a tokenizer directory (Hugging Face format) and check it is usable for sharding."""
+    from tokenizers import Tokenizer
+
+    d = Path(directory)
+    tok_file = d / "tokenizer.json"
+    if not tok_file.is_file():
+        raise KolmError(
+            f"{d}: no tokenizer.json; train one with `kolm tokenizer train --input ... --out {d}`"
+        )
+    try:
+        tok = Tokenizer.from_file(str(tok_file))
+    except Exception as e:
+        raise KolmError(f"{tok_file}: cannot be loaded as a tokenizer ({e})") from e
+    eos = _eos_token(d)
+    eos_id = tok.token_to_id(eos)
+    if eos_id is None:
+        raise KolmError(f"{d}: end-of-text token {eos!r} is not in the vocabulary")
+    return TokenizerInfo(str(d), sha256_file(tok_file), tok.get_vocab_size(True), eos_id)
+
+
+def _eos_token(d: Path) -> str:
+    cfg = d / "tokenizer_config.json"
+    if not cfg.is_file():
+        return EOS
+    value = json.loads(cfg.read_text(encoding="utf-8")).get("eos_token") or EOS
+    return value["content"] if isinstance(value, dict) else value
+
+
+def _is_holdout(text: str) -> bool:
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, person=b"kolm-tok").digest()
+    return int.from_bytes(digest, "little") % HOLDOUT_EVERY == 0
+
+
+def iter_documents(inputs: list[str], text_field: str, skip_malformed: bool, stats: Counter) -> Iterator[str]:
+    """Stream normalized documents from corpus inputs (long lines arrive in pieces)."""
+    files = find_inputs(inputs)
+    decoder = Decoder(text_field, skip_malformed)
+    for unit in plan_units(files, unit_bytes=1 << 62):
+        for chunk in iter_chunks(unit, chunk_docs=4096, chunk_bytes=1 << 22, piece_bytes=1 << 20):
+            for i, record in enumerate(chunk.records):
+                text = decoder.text(chunk, i, record, stats)
+                if text:
+                    yield text
+
+
+def train_tokenizer(
+    inputs: list[str],
+    out: str | os.PathLike,
+    vocab_size: int,
+    min_frequency: int = 2,
+    text_field: str = "text",
+    skip_malformed: bool = False,
+    max_documents: int | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Train a byte-level BPE with ``<|endoftext|>`` as BOS/EOS/PAD and save it to ``out``.
+
+    A deterministic ~2% of documents is held back from training to measure compression.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    out = Path(out)
+    if vocab_size < MIN_VOCAB:
+        raise KolmError(f"--vocab-size {vocab_size} is too small: use at least {MIN_VOCAB}")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise KolmError(f"{out} already exists and is not empty; choose another --out or pass --force")
+    stats: Counter = Counter()
+    holdout: list[str] = []
+    holdout_chars = 0
+    used = 0
+
+    def training_stream() -> Iterator[str]:
+        nonlocal holdout_chars, used
+        for text in iter_documents(inputs, text_field, skip_malformed, stats):
+            if max_documents is not None and used >= max_documents:
+                return
+            if _is_holdout(text) and holdout_chars < HOLDOUT_MAX_CHARS:
+                holdout.append(text)
+                holdout_chars += len(text)
+                continue
+            used += 1
+            yield text
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=progress,
+    )
+    tok.train_from_iterator(training_stream(), trainer=trainer)
+    if used == 0:
+        raise KolmError("the corpus holds no text: every line was empty or skipped")
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS, unk_token=EOS
+    )
+    _save_atomically(wrapped, out, force)
+    sample = holdout or [t for t, _ in zip(iter_documents(inputs, text_field, True, Counter()), range(1000))]
+    chars = sum(len(t) for t in sample)
+    tokens = sum(len(e.ids) for e in tok.encode_batch(sample, add_special_tokens=False))
+    return {
+        "out": str(out),
+        "vocab_size": tok.get_vocab_size(True),
+        "documents": used,
+        "heldout_documents": len(holdout),
+        "heldout_is_training_text": not holdout,
+        "chars_per_token": chars / max(tokens, 1),
+        "repaired_utf8": stats["repaired_utf8"],
+        "malformed_skipped": stats["malformed_skipped"],
+    }
+
+
+def _save_atomically(tokenizer, out: Path, force: bool) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tokenizer.save_pretrained(str(tmp))
+        if out.exists() and force:
+            shutil.rmtree(out)
+        elif out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
