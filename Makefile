@@ -1,0 +1,33 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both build .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The pinned PyTorch. On a CPU-only machine outside this setup, point pip at the CPU wheels:
+#   make demo TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.kolm-installed
+
+.PHONY: demo test lint venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -c constraints.txt -e '.[demo,test,bench]'
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/kolm demo
+
+test: $(STAMP)
+	$(BIN)/ruff check kolm launch tests bench tools
+	$(BIN)/pytest -q -ra
+
+lint: $(STAMP)
+	$(BIN)/ruff check --fix kolm launch tests bench tools
+	$(BIN)/ruff format --check kolm launch tests bench tools || true
+
+clean:
+	rm -rf $(VENV) kolm-demo
