@@ -157,6 +157,7 @@ def train_tokenizer(
 def _save_atomically(tokenizer, out: Path, force: bool) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o755)
     try:
         tokenizer.save_pretrained(str(tmp))
         if out.exists() and force:
