@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -65,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--piece-bytes", type=_size, default=1 << 20, help=argparse.SUPPRESS)
     shard.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    train = sub.add_parser("train", help="train a Phi model with DeepSpeed (under any launcher)")
+    train.add_argument("--config", required=True, help="recipe YAML (see recipes/)")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe keys")
+    train.add_argument("--check", action="store_true", help="validate the config and data, then exit")
+
     demo = sub.add_parser("demo", help="run the whole line on the bundled Korean corpus")
     demo.add_argument("--corpus", nargs="+", default=None, help="your own corpus instead of the bundled one")
     demo.add_argument("--out", default="kolm-demo", help="where everything is written (default: ./kolm-demo)")
@@ -90,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             return _tokenizer_train(args)
         if args.command == "shard":
             return _shard(args)
+        if args.command == "train":
+            return _train(args)
         if args.command == "demo":
             from kolm.demo import run_demo
 
@@ -102,6 +108,20 @@ def main(argv: list[str] | None = None) -> int:
         print("kolm: interrupted; re-run the same command to continue", file=sys.stderr)
         return 130
     return 1
+
+
+def _train(args: argparse.Namespace) -> int:
+    from kolm.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from kolm.train import prepare, train
+
+    if args.check:
+        plan = prepare(cfg)
+        print(f"config OK: {plan.total_steps} steps, gradient accumulation {plan.grad_accum} on "
+              f"{plan.env.world_size} ranks, {plan.n_params / 1e6:.1f}M parameters")
+        return 0
+    return train(cfg)
 
 
 def _tokenizer_train(args: argparse.Namespace) -> int:
@@ -193,10 +213,6 @@ def _shard_tool(tool: str, args: argparse.Namespace) -> int:
     sd = manifest.load_shard_dir(args.dir)
     print(f"OK {args.dir}: {len(sd.manifest['shards'])} shards verified")
     return 0
-
-
-def _json(obj) -> str:
-    return json.dumps(obj, ensure_ascii=False, indent=2)
 
 
 if __name__ == "__main__":

@@ -235,24 +235,19 @@ def _long_line_pieces(f, head: bytes, kind: str, path: str, line_no: int, pos: i
     flag = FIRST
     offset = pos
     while True:
-        ended = buf.endswith(b"\n")
-        if ended or len(buf) < piece_bytes:
-            more = b""
-        else:
-            more = f.readline(piece_bytes)
-            consumed += len(more)
+        # At most one piece is buffered here; read on until the newline or the end of the file.
+        more = b"" if buf.endswith(b"\n") else f.readline(piece_bytes)
         if not more:
-            yield Chunk(kind, [buf], path, line_no, offset, LAST)
+            # A line of exactly one piece (at the end of the file) is an ordinary document.
+            yield Chunk(kind, [buf], path, line_no, offset, WHOLE if flag == FIRST else LAST)
             return consumed
-        cut = _cut_point(buf)
-        yield Chunk(kind, [buf[:cut]], path, line_no, offset, flag)
-        flag = MIDDLE
-        offset += cut
-        buf = buf[cut:] + more
-        # Keep each piece bounded: carry at most one piece of backlog.
+        consumed += len(more)
+        buf += more
+        # Cut only once the next bytes are here, so a cut never splits a character.
         while len(buf) > piece_bytes:
             cut = _cut_point(buf[:piece_bytes])
-            yield Chunk(kind, [buf[:cut]], path, line_no, offset, MIDDLE)
+            yield Chunk(kind, [buf[:cut]], path, line_no, offset, flag)
+            flag = MIDDLE
             offset += cut
             buf = buf[cut:]
 

@@ -107,7 +107,8 @@ def _split_of(text: str) -> str:
 
 def tokenize_chunk(chunk: Chunk) -> dict:
     """Worker: normalize, split and tokenize one chunk; returns token arrays per split."""
-    stats: Counter = Counter(records=len(chunk.records))
+    # A long document arrives as several piece chunks: count its record once, on the first.
+    stats: Counter = Counter(records=len(chunk.records) if chunk.piece in (WHOLE, FIRST) else 0)
     decoder: Decoder = _worker["decoder"]
     texts = []
     for i, record in enumerate(chunk.records):

@@ -1,0 +1,494 @@
+"""Sharding throughput: `kolm shard` end to end vs the seed's `datasets.map` vs raw `tokenizers`.
+
+One run trains (or reuses) a tokenizer, then measures on the same tokenizer and the same input:
+
+* ``kolm shard``       the CLI as a subprocess, fresh output directory per repetition, N workers and 1 worker;
+* ``seed datasets.map`` read the lines, ``Dataset.from_dict`` and ``.map(tokenizer, batched=True, num_proc=N)``
+                       with ``AutoTokenizer``, timed from reading to the end of the map;
+* ``ceiling``          ``Tokenizer.encode_batch`` (and the stricter ``encode_batch_fast``) on all cores over the
+                       already-decoded, already-stripped lines in memory (reading excluded).
+
+Every measurement runs in a fresh process, repetitions are interleaved (the order rotates each round),
+and tokens are counted as content tokens (kolm's one EOS per document is subtracted; the EOS-inclusive
+rate of kolm is shown too). The Markdown table is printed and added to ``bench/RESULTS.md``.
+
+    .venv/bin/python bench/shard_bench.py                    # full NSMC corpus, 3 rounds
+    .venv/bin/python bench/shard_bench.py --lines 50000 --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gzip
+import json
+import os
+import platform
+import resource
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+OUT = BENCH / "out"
+RESULTS = BENCH / "RESULTS.md"
+HEADING = "## Sharding throughput"
+DEFAULT_CORPUS = ROOT.parent / "shared" / "corpora" / "nsmc-reviews.txt.gz"
+
+KOLM_ALL, KOLM_ONE, SEED, CEIL, CEIL_FAST = "kolm", "kolm-1", "seed", "ceiling", "ceiling-fast"
+METHODS = (KOLM_ALL, KOLM_ONE, SEED, CEIL, CEIL_FAST)
+CHILD_KINDS = (SEED, CEIL, CEIL_FAST)
+
+
+@dataclass
+class Measurement:
+    """One timed run of one method."""
+
+    method: str
+    workers: int
+    seconds: float  # the timed section (see the module docstring for what each method includes)
+    cpu_seconds: float  # CPU (user + system, all processes and threads) of the timed section
+    documents: int
+    content_tokens: int
+    eos_tokens: int  # kolm appends one EOS per document; the other methods add none
+    background: float  # cores kept busy by other processes during the run (from /proc/stat)
+
+
+# --------------------------------------------------------------------------- corpus and tokenizer
+
+
+def open_text(path: Path):
+    """A text-mode handle on a plain or gzipped UTF-8 file."""
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+    return open(path, encoding="utf-8", errors="replace")
+
+
+def read_documents(path: Path) -> list[str]:
+    """The corpus as kolm sees it for plain text: one document per line, stripped, empty lines dropped."""
+    with open_text(path) as f:
+        return [s for s in (line.strip() for line in f) if s]
+
+
+def prepare_corpus(corpus: Path, lines: int | None) -> Path:
+    """The corpus itself, or (with ``--lines``) a cached gzip of its first ``lines`` lines."""
+    if lines is None:
+        return corpus
+    name = corpus.name.removesuffix(".gz").removesuffix(".txt")
+    target = OUT / f"corpus-{name}-{lines}.txt.gz"
+    if not target.is_file():
+        OUT.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp")
+        with open_text(corpus) as src, gzip.open(tmp, "wt", encoding="utf-8") as dst:
+            for _, line in zip(range(lines), src):
+                dst.write(line)
+        os.replace(tmp, target)
+    return target
+
+
+def kolm_executable() -> str:
+    candidate = Path(sys.executable).parent / "kolm"
+    found = str(candidate) if candidate.is_file() else shutil.which("kolm")
+    if not found:
+        sys.exit("shard_bench: the `kolm` command is not installed in this environment (pip install -e .)")
+    return found
+
+
+def ensure_tokenizer(corpus: Path, vocab_size: int, max_documents: int) -> Path:
+    """Train a byte-level BPE with kolm once and cache it under bench/out/."""
+    name = corpus.name.removesuffix(".gz").removesuffix(".txt").removesuffix(".jsonl")
+    target = OUT / f"tokenizer-{name}-v{vocab_size}-d{max_documents}"
+    if (target / "tokenizer.json").is_file():
+        return target
+    cmd = [kolm_executable(), "tokenizer", "train", "--input", str(corpus), "--vocab-size", str(vocab_size),
+           "--max-documents", str(max_documents), "--out", str(target), "--force"]
+    print(f"training the tokenizer: {shlex.join(cmd)}", file=sys.stderr)
+    subprocess.run(cmd, check=True)
+    return target
+
+
+# --------------------------------------------------------------------------- load and CPU accounting
+
+
+def busy_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies over all CPUs from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    total = sum(fields[:8])
+    return total - idle, total
+
+
+def busy_cores(seconds: float = 1.0) -> float:
+    """How many cores other processes keep busy right now (sampled over ``seconds``)."""
+    b0, _ = busy_jiffies()
+    time.sleep(seconds)
+    b1, _ = busy_jiffies()
+    return (b1 - b0) / os.sysconf("SC_CLK_TCK") / seconds
+
+
+def wait_for_quiet(threshold: float, max_wait: float) -> float:
+    """Wait until the background load drops below ``threshold`` cores (at most ``max_wait`` s)."""
+    deadline = time.monotonic() + max_wait
+    load = busy_cores()
+    while load > threshold and time.monotonic() < deadline:
+        print(f"  waiting: other processes busy on {load:.2f} cores", file=sys.stderr)
+        time.sleep(4.0)
+        load = busy_cores()
+    return load
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclass
+class Timed:
+    wall: float
+    cpu: float
+    background: float
+    stdout: str
+
+
+def run_timed(cmd: list[str], env: dict[str, str]) -> Timed:
+    """Run ``cmd`` to completion; wall time, CPU of its process tree, and others' load meanwhile."""
+    b0, _ = busy_jiffies()
+    c0 = children_cpu()
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    cpu = children_cpu() - c0
+    b1, _ = busy_jiffies()
+    if proc.returncode != 0:
+        sys.exit(f"shard_bench: {shlex.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    others = max(0.0, ((b1 - b0) / os.sysconf("SC_CLK_TCK") - cpu) / wall)
+    return Timed(wall, cpu, others, proc.stdout)
+
+
+# --------------------------------------------------------------------------- the methods
+
+
+def base_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS")}
+    env["HF_HOME"] = str(OUT / "hf-home")  # keep datasets' cache out of ~/.cache
+    env["HF_HUB_OFFLINE"] = "1"
+    env["PYTHONHASHSEED"] = "0"
+    return env
+
+
+def measure_kolm(method: str, corpus: Path, tok: Path, workers: int) -> Measurement:
+    out = OUT / "shards-run"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [kolm_executable(), "shard", "--input", str(corpus), "--tokenizer", str(tok), "--out", str(out),
+           "--workers", str(workers), "--no-progress"]
+    timed = run_timed(cmd, base_env())
+    corpus_stats = json.loads((out / "manifest.json").read_text())["corpus"]
+    shutil.rmtree(out, ignore_errors=True)
+    docs = corpus_stats["documents"]
+    return Measurement(method, workers, timed.wall, timed.cpu, docs, corpus_stats["tokens"] - docs, docs,
+                       timed.background)
+
+
+def measure_child(kind: str, corpus: Path, tok: Path, workers: int) -> Measurement:
+    """Run a seed or ceiling measurement in a fresh interpreter (see ``child_main``)."""
+    env = base_env()
+    if kind != SEED:  # the ceiling: the Rust thread pool on all cores
+        env["TOKENIZERS_PARALLELISM"] = "true"
+        env["RAYON_NUM_THREADS"] = str(workers)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--corpus", str(corpus),
+           "--tokenizer-dir", str(tok), "--workers", str(workers)]
+    timed = run_timed(cmd, env)
+    report = json.loads(timed.stdout.strip().splitlines()[-1])
+    return Measurement(kind, workers, report["seconds"], report["cpu_seconds"], report["documents"],
+                       report["tokens"], 0, timed.background)
+
+
+def own_cpu() -> float:
+    """CPU seconds of this process (all threads) and of its reaped children (a pool's workers)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def child_seed(corpus: Path, tok_dir: Path, workers: int) -> dict:
+    """The seed's pipeline, as a Hugging Face Trainer script would tokenize (imports not timed)."""
+    import datasets
+    import pyarrow.compute as pc
+    from transformers import AutoTokenizer
+
+    datasets.disable_progress_bars()
+    start, cpu = time.perf_counter(), own_cpu()
+    lines = read_documents(corpus)
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    dataset = datasets.Dataset.from_dict({"text": lines})
+    mapped = dataset.map(lambda b: tokenizer(b["text"]), batched=True, num_proc=workers)
+    seconds, cpu = time.perf_counter() - start, own_cpu() - cpu
+    lengths = pc.list_value_length(mapped.data.column("input_ids"))
+    return {"seconds": seconds, "cpu_seconds": cpu, "documents": len(mapped), "tokens": pc.sum(lengths).as_py()}
+
+
+def child_ceiling(corpus: Path, tok_dir: Path, fast: bool) -> dict:
+    """Raw `tokenizers` on the lines already in memory: only the encode call is timed."""
+    from tokenizers import Tokenizer
+
+    lines = read_documents(corpus)
+    tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    encode = tok.encode_batch_fast if fast else tok.encode_batch
+    start, cpu = time.perf_counter(), own_cpu()
+    encodings = encode(lines, add_special_tokens=False)
+    seconds, cpu = time.perf_counter() - start, own_cpu() - cpu
+    return {"seconds": seconds, "cpu_seconds": cpu, "documents": len(lines), "tokens": sum(len(e) for e in encodings)}
+
+
+def child_main(kind: str, corpus: Path, tok_dir: Path, workers: int) -> None:
+    report = child_seed(corpus, tok_dir, workers) if kind == SEED else child_ceiling(corpus, tok_dir, kind == CEIL_FAST)
+    print(json.dumps(report))
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def rounds(methods: list[str], repeats: int) -> Iterable[tuple[int, str]]:
+    """Interleaved schedule: every method once per round, the order rotated each round."""
+    for r in range(repeats):
+        k = r % len(methods)
+        for m in methods[k:] + methods[:k]:
+            yield r, m
+
+
+def measure(method: str, corpus: Path, tok: Path, workers: int) -> Measurement:
+    if method == KOLM_ALL:
+        return measure_kolm(method, corpus, tok, workers)
+    if method == KOLM_ONE:
+        return measure_kolm(method, corpus, tok, 1)
+    return measure_child(method, corpus, tok, workers)
+
+
+def run_all(methods: list[str], repeats: int, corpus: Path, tok: Path, workers: int,
+            quiet: float, max_wait: float) -> list[Measurement]:
+    results = []
+    for r, method in rounds(methods, repeats):
+        wait_for_quiet(quiet, max_wait)
+        m = measure(method, corpus, tok, workers)
+        print(f"  round {r + 1}/{repeats} {method:13s} {m.seconds:7.2f} s  {m.content_tokens / m.seconds:10,.0f} tok/s"
+              f"  cpu {m.cpu_seconds:6.1f} s  others busy {m.background:.2f} cores", file=sys.stderr)
+        results.append(m)
+    return results
+
+
+# --------------------------------------------------------------------------- reporting
+
+LABELS = {
+    KOLM_ALL: "kolm shard, end to end (CLI)",
+    KOLM_ONE: "kolm shard, end to end (CLI)",
+    SEED: "seed: read + datasets.map(AutoTokenizer)",
+    CEIL: "ceiling: Tokenizer.encode_batch",
+    CEIL_FAST: "ceiling: Tokenizer.encode_batch_fast",
+}
+
+
+@dataclass
+class Summary:
+    method: str
+    workers: int
+    documents: int
+    content_tokens: int
+    eos_tokens: int
+    median_s: float
+    best_s: float
+    cpu_s: float
+    background: float
+
+    @property
+    def rate(self) -> float:
+        """Content tokens per second, on the median time."""
+        return self.content_tokens / self.median_s
+
+    @property
+    def best_rate(self) -> float:
+        return self.content_tokens / self.best_s
+
+    @property
+    def rate_with_eos(self) -> float:
+        return (self.content_tokens + self.eos_tokens) / self.median_s
+
+
+def summarize(results: list[Measurement]) -> dict[str, Summary]:
+    out = {}
+    for method in METHODS:
+        runs = [m for m in results if m.method == method]
+        if runs:
+            first = runs[0]
+            out[method] = Summary(
+                method, first.workers, first.documents, first.content_tokens, first.eos_tokens,
+                statistics.median(m.seconds for m in runs), min(m.seconds for m in runs),
+                statistics.median(m.cpu_seconds for m in runs), max(m.background for m in runs),
+            )
+    return out
+
+
+def token_mismatches(results: list[Measurement]) -> list[str]:
+    counts = {(m.method, m.documents, m.content_tokens) for m in results}
+    if len({(d, t) for _, d, t in counts}) <= 1:
+        return []
+    return [f"{method}: {docs} documents, {tokens} content tokens" for method, docs, tokens in sorted(counts)]
+
+
+def ratio(s: dict[str, Summary], a: str, b: str, rate: Callable[[Summary], float]) -> str:
+    if a not in s or b not in s:
+        return "n/a"
+    return f"{rate(s[a]) / rate(s[b]):.1%}"
+
+
+def format_table(s: dict[str, Summary]) -> str:
+    ceiling = s.get(CEIL)
+    rows = [
+        "| method | workers | content tokens | median s | best s | content tok/s (median) | tok/s incl. EOS "
+        "| CPU s | vs ceiling | others busy (cores, max) |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for m in s.values():
+        vs = f"{m.rate / ceiling.rate:.1%}" if ceiling else "n/a"
+        rows.append(
+            f"| {LABELS[m.method]} | {m.workers} | {m.content_tokens:,} | {m.median_s:.2f} | {m.best_s:.2f} "
+            f"| {m.rate:,.0f} | {m.rate_with_eos:,.0f} | {m.cpu_s:.1f} | {vs} | {m.background:.2f} |"
+        )
+    return "\n".join(rows)
+
+
+def format_ratios(s: dict[str, Summary]) -> str:
+    def med(x: Summary) -> float:
+        return x.rate
+
+    def best(x: Summary) -> float:
+        return x.best_rate
+
+    lines = []
+    for label, a, b in (
+        ("kolm / ceiling (encode_batch)", KOLM_ALL, CEIL),
+        ("kolm / ceiling (encode_batch_fast)", KOLM_ALL, CEIL_FAST),
+        ("kolm / seed", KOLM_ALL, SEED),
+        ("kolm all workers / kolm 1 worker", KOLM_ALL, KOLM_ONE),
+    ):
+        lines.append(f"- {label}: {ratio(s, a, b, med)} (median), {ratio(s, a, b, best)} (best)")
+    return "\n".join(lines)
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev + (" (uncommitted changes)" if dirty else "")
+
+
+def library_versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in ("tokenizers", "transformers", "datasets"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} missing")
+    return ", ".join(found)
+
+
+def format_report(s: dict[str, Summary], results: list[Measurement], args: argparse.Namespace,
+                  corpus: Path, tok: Path, command: str) -> str:
+    docs = max(m.documents for m in s.values())
+    notes = token_mismatches(results)
+    lines = [
+        f"### {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
+        "",
+        f"- machine: {os.cpu_count()} CPUs (nproc), {cpu_model()}, Python {platform.python_version()}, "
+        f"{library_versions()}",
+        f"- corpus: `{corpus}` ({docs:,} documents"
+        + (f", first {args.lines:,} lines of `{args.corpus}`" if args.lines else "") + ")",
+        f"- tokenizer: `{tok.relative_to(ROOT) if tok.is_relative_to(ROOT) else tok}` (kolm byte-level BPE, "
+        f"vocabulary {args.vocab_size}, trained on the first {args.max_documents:,} documents)",
+        f"- kolm revision: {git_revision()}",
+        f"- command: `{command}`",
+        f"- {args.repeats} interleaved rounds; time = median (best also shown); tokens = content tokens "
+        "(kolm's EOS per document excluded, shown in 'tok/s incl. EOS')",
+        "",
+        format_table(s),
+        "",
+        format_ratios(s),
+    ]
+    if notes:
+        lines += ["", "**Token counts differ between methods:** " + "; ".join(notes)]
+    return "\n".join(lines) + "\n"
+
+
+def append_results(block: str) -> None:
+    """Add ``block`` at the end of the "Sharding throughput" section of RESULTS.md (created if needed)."""
+    text = RESULTS.read_text(encoding="utf-8") if RESULTS.is_file() else "# Benchmark results\n"
+    if HEADING not in text:
+        text = text.rstrip("\n") + f"\n\n{HEADING}\n\nWritten by `bench/shard_bench.py`; newest last.\n"
+    start = text.index(HEADING) + len(HEADING)
+    nxt = text.find("\n## ", start)
+    end = len(text) if nxt < 0 else nxt + 1
+    section = text[:end].rstrip("\n") + "\n\n" + block
+    RESULTS.write_text(section + ("\n" + text[end:] if end < len(text) else ""), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help=f"input corpus (default: {DEFAULT_CORPUS})")
+    p.add_argument("--lines", type=int, default=None, help="use only the first N lines (default: all)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default: 3)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="cores for every method (default: all)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="subset to run")
+    p.add_argument("--vocab-size", type=int, default=32000)
+    p.add_argument("--max-documents", type=int, default=100_000, help="tokenizer training sample")
+    p.add_argument("--quiet-cores", type=float, default=0.3,
+                   help="before each run, wait until other processes use fewer cores than this (default: 0.3)")
+    p.add_argument("--max-wait", type=float, default=300.0, help="longest such wait in seconds (default: 300)")
+    p.add_argument("--no-record", action="store_true", help=f"print only; do not append to {RESULTS.name}")
+    p.add_argument("--child", choices=CHILD_KINDS, help=argparse.SUPPRESS)
+    p.add_argument("--tokenizer-dir", type=Path, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        child_main(args.child, args.corpus, args.tokenizer_dir, args.workers)
+        return 0
+    if not args.corpus.is_file():
+        sys.exit(f"shard_bench: no corpus at {args.corpus}; pass --corpus PATH")
+    command = shlex.join([Path(sys.executable).name, "bench/shard_bench.py", *(sys.argv[1:] if argv is None else argv)])
+    tok = ensure_tokenizer(args.corpus, args.vocab_size, args.max_documents)
+    corpus = prepare_corpus(args.corpus, args.lines)
+    results = run_all(args.methods, args.repeats, corpus, tok, args.workers, args.quiet_cores, args.max_wait)
+    report = format_report(summarize(results), results, args, corpus, tok, command)
+    print(report)
+    if not args.no_record:
+        append_results(report)
+        print(f"appended to {RESULTS}", file=sys.stderr)
+    (OUT / "last-run.json").write_text(json.dumps([asdict(m) for m in results], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

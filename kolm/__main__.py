@@ -1,0 +1,7 @@
+"""`python -m kolm ...` is the `kolm` command (used with torchrun: `torchrun ... -m kolm train ...`)."""
+
+import sys
+
+from kolm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,174 @@
+"""Checkpoints: DeepSpeed's own layout (`global_stepN/`, `latest`) plus kolm's client state,
+per-rank RNG states and a completion marker written only after every rank finished writing.
+
+Resume always uses the newest checkpoint whose marker exists and whose recorded files are all
+present with their recorded sizes; anything else is skipped, and the reason is said.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kolm.files import atomic_write_bytes, atomic_write_json, read_json
+
+MARKER = "kolm_complete.json"
+_TAG = re.compile(r"^global_step(\d+)$")
+
+
+def tag_for(step: int) -> str:
+    return f"global_step{step}"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    step: int
+    marker: dict
+
+    @property
+    def tag(self) -> str:
+        return self.path.name
+
+
+def _tagged_dirs(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if p.is_dir() and (m := _TAG.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def why_incomplete(path: Path) -> str | None:
+    """None when the checkpoint is complete; otherwise what is wrong with it."""
+    marker_path = path / MARKER
+    if not marker_path.is_file():
+        return "no completion marker (a save was interrupted)"
+    try:
+        marker = read_json(marker_path)
+    except ValueError:
+        return "unreadable completion marker"
+    for rel, size in marker.get("files", {}).items():
+        f = path / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != size:
+            return f"{rel} has {f.stat().st_size} bytes, expected {size}"
+    return None
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[Checkpoint]:
+    """Complete checkpoints, newest first."""
+    return [Checkpoint(p, s, read_json(p / MARKER)) for s, p in _tagged_dirs(ckpt_dir) if why_incomplete(p) is None]
+
+
+def find_resume(ckpt_dir: Path, say: Callable[[str], None]) -> Checkpoint | None:
+    """The newest complete checkpoint, telling the user about any newer one it had to skip."""
+    for step, path in _tagged_dirs(ckpt_dir):
+        problem = why_incomplete(path)
+        if problem is None:
+            return Checkpoint(path, step, read_json(path / MARKER))
+        say(f"skipping checkpoint {path.name}: {problem}; falling back to an earlier one")
+    return None
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank: int, barrier: Callable[[], None],
+         marker_extra: dict) -> Path:
+    """Collective save: DeepSpeed writes model and optimizer shards, each rank its RNG state,
+    then (after a barrier) rank 0 records every file and its size in the marker and points
+    `latest` at the new tag."""
+    tag = tag_for(step)
+    path = ckpt_dir / tag
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    rng_file = path / f"rng_rank{rank}.pt"
+    tmp = rng_file.with_suffix(".tmp")
+    torch.save(rng_state(), tmp)
+    os.replace(tmp, rng_file)
+    barrier()
+    if rank == 0:
+        files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
+        atomic_write_json(path / MARKER, {"step": step, "files": files, **marker_extra})
+        atomic_write_bytes(ckpt_dir / "latest", tag.encode())
+    barrier()
+    return path
+
+
+def load_rng(path: Path, rank: int) -> bool:
+    """Restore this rank's RNG state when the checkpoint has one for it."""
+    f = path / f"rng_rank{rank}.pt"
+    if not f.is_file():
+        return False
+    # Our own file from this run directory: a plain dict of RNG states.
+    set_rng_state(torch.load(f, weights_only=False))
+    return True
+
+
+UNIVERSAL = "universal"
+
+
+def to_universal(ckpt: Checkpoint, say: Callable[[str], None]) -> Path:
+    """Convert a checkpoint to DeepSpeed's universal format (once; kept beside it), the
+    supported way to resume ZeRO state on a different number of data-parallel ranks."""
+    import subprocess
+    import sys
+
+    out = ckpt.path / UNIVERSAL
+    done = ckpt.path / f"{UNIVERSAL}.complete"
+    if done.is_file():
+        return out
+    say(f"{ckpt.tag} was written by {ckpt.marker.get('world_size')} ranks; converting it to a universal checkpoint")
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt.path),
+           "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1",
+           "--inject_missing_state"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"universal checkpoint conversion of {ckpt.path} failed:\n{proc.stderr[-3000:]}")
+    atomic_write_bytes(done, b"ok\n")
+    return out
+
+
+def prune(ckpt_dir: Path, keep: int, say: Callable[[str], None]) -> None:
+    """Keep the newest ``keep`` complete checkpoints and the best by eval loss; remove older
+    ones and interrupted saves older than the newest complete checkpoint. Rank 0 only."""
+    complete = complete_checkpoints(ckpt_dir)
+    if not complete:
+        return
+    scored = [c for c in complete if c.marker.get("eval_loss") is not None]
+    best = min(scored, key=lambda c: c.marker["eval_loss"]) if scored else None
+    keep_paths = {c.path for c in complete[:keep]} | ({best.path} if best else set())
+    newest = complete[0].step
+    for step, path in _tagged_dirs(ckpt_dir):
+        if path in keep_paths or step >= newest:
+            continue
+        trash = path.with_name(f".deleting-{path.name}")
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        say(f"removed old checkpoint {path.name}")
+
+
+def best_checkpoint(ckpt_dir: Path) -> Checkpoint | None:
+    scored = [c for c in complete_checkpoints(ckpt_dir) if c.marker.get("eval_loss") is not None]
+    return min(scored, key=lambda c: c.marker["eval_loss"]) if scored else None

@@ -1,0 +1,174 @@
+"""The run config: one dataclass holding every training default, loaded from a recipe YAML plus
+``key=value`` overrides, validated before any process group or GPU is touched."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from kolm.errors import KolmError
+
+
+@dataclass
+class RunConfig:
+    # --- where things are
+    data: str = ""  # shard directory written by `kolm shard`
+    tokenizer: str = ""  # the tokenizer directory the shards were made with
+    run_dir: str = ""  # checkpoints, metrics.jsonl and tensorboard go here
+    # --- model
+    model: str = "phi-1.5"  # preset name (kolm.presets.PRESETS)
+    model_overrides: dict = field(default_factory=dict)  # e.g. {num_hidden_layers: 12}
+    seq_len: int = 512
+    vocab_multiple: int = 64  # embedding rows are the tokenizer vocabulary rounded up to this
+    # --- batch layout: the global batch is fixed; gradient accumulation is derived
+    global_batch: int = 256
+    micro_batch: int = 4
+    # --- optimization (AdamW, linear warmup then cosine decay)
+    lr: float = 5e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    warmup_steps: int = 10000
+    grad_clip: float = 1.0
+    epochs: float = 2.0
+    train_steps: int = 0  # 0: derived from epochs and the dataset size
+    seed: int = 1234
+    # --- DeepSpeed
+    zero_stage: int = 2
+    deepspeed_config: str = ""  # a DeepSpeed JSON; "" = ds_configs/zero{stage}.json
+    precision: str = "bf16"  # bf16 | fp32
+    activation_checkpointing: bool = False
+    # --- evaluation, logging, checkpoints
+    eval_every: int = 10000
+    eval_samples: int = 0  # windows of the validation split per evaluation; 0 = all
+    log_every: int = 10
+    save_every: int = 10000
+    keep_checkpoints: int = 5  # newest K are kept, plus the best by eval loss
+    tensorboard: bool = True
+    # --- robustness
+    max_nonfinite_steps: int = 10  # stop after this many non-finite steps in a row
+    ignore_data_fingerprint: bool = False  # resume even though the data changed
+
+    def validate(self) -> None:
+        for name in ("data", "tokenizer", "run_dir"):
+            if not getattr(self, name):
+                raise KolmError(f"`{name}` is required: set it in the recipe or pass {name}=PATH")
+        positive = ("seq_len", "global_batch", "micro_batch", "log_every", "eval_every", "save_every",
+                    "keep_checkpoints", "vocab_multiple", "max_nonfinite_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise KolmError(f"`{name}` must be at least 1, got {getattr(self, name)}")
+        if self.zero_stage not in (1, 2, 3):
+            raise KolmError(f"`zero_stage` must be 1, 2 or 3, got {self.zero_stage}")
+        if self.precision not in ("bf16", "fp32"):
+            raise KolmError(f"`precision` must be bf16 or fp32, got {self.precision!r}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise KolmError(f"`min_lr` {self.min_lr} must be in [0, lr={self.lr}]")
+        if self.warmup_steps < 0 or self.train_steps < 0 or self.epochs <= 0:
+            raise KolmError("`warmup_steps` and `train_steps` must be >= 0 and `epochs` > 0")
+        if self.global_batch % self.micro_batch:
+            raise KolmError(
+                f"global_batch {self.global_batch} is not a multiple of micro_batch {self.micro_batch}"
+            )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _field_types() -> dict[str, type]:
+    hints = typing.get_type_hints(RunConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(RunConfig)}
+
+
+def _unknown_key(key: str, where: str) -> KolmError:
+    close = difflib.get_close_matches(key, list(_field_types()), n=1)
+    hint = f"; did you mean `{close[0]}`?" if close else ""
+    return KolmError(f"unknown config key `{key}` in {where}{hint} (see kolm/config.py for every key)")
+
+
+def _coerce(key: str, value, kind: type, where: str):
+    """Check or convert a value to the field's type; the error names key, type and value."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else _bad(key, value, kind, where)
+            except ValueError:
+                pass
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif kind is dict:
+        if isinstance(value, dict):
+            return value
+    return _bad(key, value, kind, where)
+
+
+def _bad(key, value, kind, where):
+    raise KolmError(f"config key `{key}` in {where} must be {kind.__name__}, got {value!r}")
+
+
+def _parse_override(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise KolmError(f"override {text!r} is not key=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw else ""
+
+
+def load_config(recipe: str | os.PathLike | None, overrides: list[str] = ()) -> RunConfig:
+    """Recipe YAML, then ``key=value`` overrides (``model_overrides.hidden_size=256`` reaches
+    into the dict), each key and type checked."""
+    values: dict = {}
+    if recipe:
+        path = Path(recipe)
+        if not path.is_file():
+            raise KolmError(f"{path}: recipe not found")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise KolmError(f"{path}: not valid YAML ({e})") from e
+        if not isinstance(loaded, dict):
+            raise KolmError(f"{path}: a recipe is a mapping of key: value")
+        values.update({k: (v, str(path)) for k, v in loaded.items()})
+    for text in overrides:
+        key, value = _parse_override(text)
+        if key.startswith("model_overrides."):
+            sub = key.split(".", 1)[1]
+            current = dict(values.get("model_overrides", ({}, ""))[0] or {})
+            current[sub] = value
+            values["model_overrides"] = (current, "the command line")
+        else:
+            values[key] = (value, "the command line")
+    types = _field_types()
+    kwargs = {}
+    for key, (value, where) in values.items():
+        if key not in types:
+            raise _unknown_key(key, where)
+        kwargs[key] = _coerce(key, value, types[key], where)
+    cfg = RunConfig(**kwargs)
+    cfg.validate()
+    return cfg

@@ -1,0 +1,100 @@
+"""DeepSpeed JSON configs: load a template, fill the run-dependent fields from the run config,
+and refuse a template whose explicit values contradict the run config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kolm.config import RunConfig
+from kolm.errors import KolmError
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
+
+
+def template_path(cfg: RunConfig) -> Path:
+    """The user's JSON if given (as a path, or a name under ds_configs/), else zero{stage}.json."""
+    name = cfg.deepspeed_config or f"zero{cfg.zero_stage}.json"
+    for candidate in (Path(name), REPO_CONFIGS / name):
+        if candidate.is_file():
+            return candidate
+    raise KolmError(f"DeepSpeed config {name!r} not found (looked in the working directory and {REPO_CONFIGS})")
+
+
+def load_template(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise KolmError(f"{path}: not valid JSON ({e})") from e
+
+
+def run_fields(cfg: RunConfig, dp_world: int, grad_accum: int, total_steps: int, on_cpu: bool) -> dict:
+    """What kolm decides from the run config, as nested DeepSpeed config keys."""
+    return {
+        "train_batch_size": cfg.global_batch,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": cfg.grad_clip,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": cfg.lr,
+                "betas": [cfg.adam_beta1, cfg.adam_beta2],
+                "eps": cfg.adam_eps,
+                "weight_decay": cfg.weight_decay,
+                **({"torch_adam": True} if on_cpu else {}),
+            },
+        },
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": total_steps,
+                "warmup_num_steps": cfg.warmup_steps,
+                "warmup_min_ratio": 0.0,
+                "warmup_type": "linear",
+                "cos_min_ratio": cfg.min_lr / cfg.lr if cfg.lr else 0.0,
+            },
+        },
+    }
+
+
+# Keys a template may leave to kolm; any other explicit value must agree.
+_RECIPE_KEYS = {
+    "train_batch_size": "global_batch",
+    "train_micro_batch_size_per_gpu": "micro_batch",
+    "gradient_accumulation_steps": "global_batch / (micro_batch x ranks)",
+    "gradient_clipping": "grad_clip",
+    "bf16": "precision",
+    "zero_optimization.stage": "zero_stage",
+    "optimizer": "lr, weight_decay, adam_*",
+    "scheduler": "warmup_steps, min_lr, train_steps/epochs",
+}
+
+
+def merge(template: dict, fields: dict, source: str, path: str = "") -> dict:
+    """Fill ``fields`` into ``template``; a conflicting explicit value is an error naming both."""
+    out = dict(template)
+    for key, value in fields.items():
+        dotted = f"{path}{key}"
+        mine = out.get(key, "auto")
+        if isinstance(value, dict) and isinstance(mine, dict):
+            out[key] = merge(mine, value, source, f"{dotted}.")
+        elif mine == "auto" or mine == value or key not in out or isinstance(mine, (int, float)) and isinstance(value, (int, float)) and float(mine) == float(value):
+            out[key] = value
+        else:
+            recipe_key = next((v for k, v in _RECIPE_KEYS.items() if dotted.startswith(k)), dotted)
+            raise KolmError(
+                f"{source} sets {dotted} = {json.dumps(mine)} but the run config gives {json.dumps(value)} "
+                f"(from {recipe_key}); remove it from the JSON (or write \"auto\") or change the recipe"
+            )
+    return out
+
+
+def build(cfg: RunConfig, dp_world: int, grad_accum: int, total_steps: int, on_cpu: bool) -> dict:
+    path = template_path(cfg)
+    config = merge(load_template(path), run_fields(cfg, dp_world, grad_accum, total_steps, on_cpu), str(path))
+    config.setdefault("steps_per_print", 1 << 30)
+    config.setdefault("wall_clock_breakdown", False)
+    return config

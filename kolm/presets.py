@@ -1,0 +1,120 @@
+"""Phi model presets, shipped with kolm so nothing is fetched from a hub.
+
+Every field of the Hugging Face `PhiConfig` is written explicitly from here; the vocabulary
+size, BOS/EOS ids and maximum positions come from the tokenizer and the run config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+from kolm.errors import KolmError
+
+
+@dataclass(frozen=True)
+class PhiShape:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    partial_rotary_factor: float = 0.5
+    hidden_act: str = "gelu_new"
+    rope_theta: float = 10000.0
+    layer_norm_eps: float = 1e-5
+    max_position_embeddings: int = 2048
+    vocab_size: int = 51200
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+PRESETS: dict[str, PhiShape] = {
+    # The published Phi-1.5 shape: 1.4B parameters with its 51,200-entry vocabulary.
+    "phi-1.5": PhiShape(2048, 24, 32, 8192, partial_rotary_factor=0.5),
+    # The published Phi-2 shape: 2.8B parameters.
+    "phi-2": PhiShape(2560, 32, 32, 10240, partial_rotary_factor=0.4),
+    # Smaller shapes of the same architecture for CPU work, benchmarks and tests.
+    "phi-160m": PhiShape(768, 12, 12, 3072),
+    "phi-40m": PhiShape(512, 10, 8, 2048),
+    "phi-10m": PhiShape(256, 6, 4, 1024),
+    "phi-tiny": PhiShape(64, 2, 4, 256),
+}
+
+
+def get_shape(name: str, **overrides) -> PhiShape:
+    """A preset by name, with optional field overrides (``hidden_size=...`` etc.)."""
+    if name not in PRESETS:
+        raise KolmError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    fields = set(asdict(PRESETS[name]))
+    unknown = set(overrides) - fields
+    if unknown:
+        raise KolmError(f"unknown model field(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(fields))}")
+    shape = replace(PRESETS[name], **overrides)
+    if shape.hidden_size % shape.num_attention_heads:
+        raise KolmError(
+            f"hidden_size {shape.hidden_size} is not divisible by num_attention_heads {shape.num_attention_heads}"
+        )
+    return shape
+
+
+def padded_vocab(tokenizer_vocab: int, multiple: int = 64) -> int:
+    """Embedding rows for a tokenizer: rounded up to a multiple for efficient matmuls
+    (Phi-1.5 itself pairs a 50,295-token tokenizer with 51,200 rows)."""
+    return -(-tokenizer_vocab // multiple) * multiple
+
+
+def phi_config_dict(shape: PhiShape, vocab_size: int, bos_id: int, eos_id: int, max_positions: int) -> dict:
+    """Every `PhiConfig` field, explicitly, for `PhiConfig(**d)` and for `config.json`."""
+    if max_positions > shape.max_position_embeddings and max_positions > 0:
+        shape = replace(shape, max_position_embeddings=max_positions)
+    return {
+        "model_type": "phi",
+        "architectures": ["PhiForCausalLM"],
+        "vocab_size": vocab_size,
+        "hidden_size": shape.hidden_size,
+        "intermediate_size": shape.intermediate_size,
+        "num_hidden_layers": shape.num_hidden_layers,
+        "num_attention_heads": shape.num_attention_heads,
+        "num_key_value_heads": shape.num_attention_heads,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attention_dropout": 0.0,
+        "hidden_act": shape.hidden_act,
+        "max_position_embeddings": shape.max_position_embeddings,
+        "initializer_range": 0.02,
+        "layer_norm_eps": shape.layer_norm_eps,
+        "use_cache": True,
+        "tie_word_embeddings": False,
+        "rope_theta": shape.rope_theta,
+        "partial_rotary_factor": shape.partial_rotary_factor,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": shape.rope_theta,
+            "partial_rotary_factor": shape.partial_rotary_factor,
+        },
+        "qk_layernorm": False,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "pad_token_id": eos_id,
+    }
+
+
+def build_config(shape: PhiShape, vocab_size: int, bos_id: int, eos_id: int, max_positions: int):
+    from transformers import PhiConfig
+
+    return PhiConfig(**phi_config_dict(shape, vocab_size, bos_id, eos_id, max_positions))
+
+
+def parameter_count(shape: PhiShape, vocab_size: int) -> int:
+    """Parameters of `PhiForCausalLM` (embeddings, blocks, final norm, biased LM head)."""
+    h, i, n = shape.hidden_size, shape.intermediate_size, shape.num_hidden_layers
+    block = 2 * h + 4 * (h * h + h) + (h * i + i) + (i * h + h)
+    return vocab_size * h + n * block + 2 * h + vocab_size * h + vocab_size
+
+
+def flops_per_token(shape: PhiShape, vocab_size: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N (N without the input embedding, a lookup) plus the
+    attention score and value matmuls, 12 * layers * hidden * seq_len (as in PaLM's appendix)."""
+    n = parameter_count(shape, vocab_size) - vocab_size * shape.hidden_size
+    return 6.0 * n + 12.0 * shape.num_hidden_layers * shape.hidden_size * seq_len

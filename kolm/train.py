@@ -1,0 +1,302 @@
+"""`kolm train`: PhiForCausalLM on packed shards with a DeepSpeed engine, resumable at any step.
+
+Runs unchanged under torchrun, the deepspeed launcher, srun and submitit (see kolm.distenv).
+Exit status: 0 finished, EXIT_REQUEUE (75) stopped by a signal after a checkpoint, 2 bad input,
+3 too many non-finite steps in a row.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from kolm import checkpoint, distenv
+from kolm.config import RunConfig
+from kolm.errors import KolmError
+from kolm.manifest import check_tokenizer, load_shard_dir
+from kolm.metrics import EvalTotals, MetricSinks, device_peak_flops, token_stats
+from kolm.packed import PackedDataset, check_batch_layout
+from kolm.presets import build_config, flops_per_token, get_shape, padded_vocab, parameter_count
+from kolm.signals import EXIT_REQUEUE, GracefulStop
+from kolm.tokenizer import load_tokenizer_info
+
+EXIT_NONFINITE = 3
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint's client state carries besides DeepSpeed's own state."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    best_eval_loss: float | None = None
+    nonfinite_in_a_row: int = 0
+    nonfinite_total: int = 0
+
+
+@dataclass
+class Plan:
+    """Everything decided before any process group starts."""
+
+    env: distenv.DistEnv
+    grad_accum: int
+    total_steps: int
+    train: PackedDataset
+    valid: PackedDataset | None
+    model_config: object
+    flops_per_token: float
+    n_params: int
+
+
+def say(msg: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"kolm: {msg}", file=sys.stderr, flush=True)
+
+
+def prepare(cfg: RunConfig) -> Plan:
+    """Validate the whole run (data, tokenizer, model, batch layout) without touching devices."""
+    env = distenv.detect()
+    tok = load_tokenizer_info(cfg.tokenizer)
+    check_tokenizer(load_shard_dir(cfg.data), tok.fingerprint(), cfg.tokenizer)
+    grad_accum = check_batch_layout(cfg.global_batch, cfg.micro_batch, env.world_size)
+    shape = get_shape(cfg.model, **cfg.model_overrides)
+    if cfg.seq_len > shape.max_position_embeddings:
+        raise KolmError(
+            f"seq_len {cfg.seq_len} exceeds model {cfg.model}'s max_position_embeddings "
+            f"{shape.max_position_embeddings}; lower seq_len or set model_overrides.max_position_embeddings"
+        )
+    vocab = padded_vocab(tok.vocab_size, cfg.vocab_multiple)
+    train = PackedDataset(cfg.data, "train", cfg.seq_len, cfg.seed)
+    valid = _valid_or_none(cfg)
+    total = cfg.train_steps or math.ceil(cfg.epochs * train.num_samples / cfg.global_batch)
+    model_config = build_config(shape, vocab, tok.eos_id, tok.eos_id, shape.max_position_embeddings)
+    return Plan(env, grad_accum, total, train, valid, model_config,
+                flops_per_token(shape, vocab, cfg.seq_len), parameter_count(shape, vocab))
+
+
+def _valid_or_none(cfg: RunConfig) -> PackedDataset | None:
+    try:
+        return PackedDataset(cfg.data, "valid", cfg.seq_len, cfg.seed)
+    except KolmError as e:
+        say(f"no evaluation: {e}")
+        return None
+
+
+def _set_cpu_threads(env: distenv.DistEnv) -> None:
+    """Share the cores among the processes of this node unless the user chose."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", env.world_size)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
+
+
+def start_engine(cfg: RunConfig, plan: Plan, resume: checkpoint.Checkpoint | None):
+    """Process group, model, optimizer and scheduler inside a DeepSpeed engine."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        _set_cpu_threads(plan.env)
+    distenv.export(plan.env)
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from transformers import PhiForCausalLM
+
+    from kolm import dsconfig
+
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
+    on_cpu = get_accelerator().device_name() == "cpu"
+    if not on_cpu:
+        get_accelerator().set_device(plan.env.local_rank)
+    ds_config = dsconfig.build(cfg, plan.env.world_size, plan.grad_accum, plan.total_steps, on_cpu)
+    if resume is not None and resume.marker.get("world_size") != plan.env.world_size:
+        if plan.env.is_main:
+            checkpoint.to_universal(resume, say)
+        torch.distributed.barrier()
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+    torch.manual_seed(cfg.seed)
+    model = PhiForCausalLM(plan.model_config)
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable()
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=_param_groups(model, cfg), config=ds_config)
+    return engine, ds_config
+
+
+def _param_groups(model: torch.nn.Module, cfg: RunConfig) -> list[dict]:
+    """Weight decay on matrices only: biases and LayerNorm weights are exempt, as in HF Trainer."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "layernorm" in name.lower() else decay).append(p)
+    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def restore(engine, cfg: RunConfig, plan: Plan, ckpt: checkpoint.Checkpoint) -> TrainState:
+    """Load a checkpoint and check it belongs to this run's data."""
+    universal = ckpt.marker.get("world_size") != plan.env.world_size
+    if universal:
+        _, client = engine.load_checkpoint(str(ckpt.path), tag=checkpoint.UNIVERSAL)
+    else:
+        _, client = engine.load_checkpoint(str(ckpt.path.parent), tag=ckpt.tag)
+    if client is None:
+        raise KolmError(f"{ckpt.path}: DeepSpeed could not load it; remove it to fall back to an earlier one")
+    saved_fp = client["data_fingerprint"]
+    if saved_fp != plan.train.fingerprint and not cfg.ignore_data_fingerprint:
+        diffs = [k for k in saved_fp if saved_fp.get(k) != plan.train.fingerprint.get(k)]
+        raise KolmError(
+            f"{ckpt.path} was trained on different data ({', '.join(diffs)} differ); use the original data, "
+            "a new run_dir, or pass ignore_data_fingerprint=true to continue anyway"
+        )
+    if not checkpoint.load_rng(ckpt.path, plan.env.rank):
+        say(f"{ckpt.tag} has no RNG state for rank {plan.env.rank}; continuing with a fresh one")
+    return TrainState(**client["kolm_state"])
+
+
+def evaluate(engine, plan: Plan, cfg: RunConfig, device: torch.device) -> dict:
+    """Loss, perplexity and next-token accuracy on the validation split, streaming."""
+    totals = EvalTotals()
+    limit = cfg.eval_samples or None
+    engine.eval()
+    with torch.no_grad():
+        for batch in plan.valid.eval_batches(cfg.micro_batch, plan.env.rank, plan.env.world_size, limit):
+            x = torch.from_numpy(batch).to(device)
+            logits = engine(input_ids=x[:, :-1]).logits
+            totals.add(*token_stats(logits, x[:, 1:]))
+    engine.train()
+    return totals.all_reduce(device).summary()
+
+
+def train(cfg: RunConfig) -> int:
+    plan = prepare(cfg)
+    run_dir, ckpt_dir = Path(cfg.run_dir), Path(cfg.run_dir) / "checkpoints"
+    resume = checkpoint.find_resume(ckpt_dir, say)
+    engine, ds_config = start_engine(cfg, plan, resume)
+    import torch.distributed as dist
+
+    device = engine.device
+    rank0 = plan.env.is_main
+    state = restore(engine, cfg, plan, resume) if resume else TrainState()
+    if resume:
+        say(f"resuming from {resume.tag}: step {state.step}, {state.consumed_samples} samples consumed")
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+    sinks = MetricSinks(run_dir, rank0, cfg.tensorboard)
+    sinks.truncate_after(state.step)
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    peak, peak_source = device_peak_flops(device, dtype)
+    say(f"{cfg.model}: {plan.n_params / 1e6:.1f}M parameters, {plan.env.world_size} ranks x micro batch "
+        f"{cfg.micro_batch} x {plan.grad_accum} accumulation = global batch {cfg.global_batch}; "
+        f"{plan.total_steps} steps; peak {peak / 1e9:.1f} GFLOP/s per device ({peak_source})")
+
+    stop = GracefulStop()
+    batches = plan.train.rank_batches(state.consumed_samples, cfg.global_batch, cfg.micro_batch,
+                                      plan.env.rank, plan.env.world_size)
+    tokens_per_step = cfg.global_batch * cfg.seq_len
+    progress = _progress(rank0, plan.total_steps, state.step)
+    window_start, window_steps = time.perf_counter(), 0
+    exit_code = 0
+
+    def save(eval_loss: float | None = None) -> None:
+        client = {"kolm_state": asdict(state), "data_fingerprint": plan.train.fingerprint, "run_config": cfg.to_dict()}
+        extra = {"world_size": plan.env.world_size, "zero_stage": cfg.zero_stage, "eval_loss": eval_loss,
+                 "consumed_samples": state.consumed_samples}
+        checkpoint.save(engine, ckpt_dir, state.step, client, plan.env.rank, dist.barrier, extra)
+        if rank0:
+            checkpoint.prune(ckpt_dir, cfg.keep_checkpoints, say)
+
+    while state.step < plan.total_steps:
+        loss = torch.zeros((), device=device)
+        for _ in range(plan.grad_accum):
+            x = torch.from_numpy(next(batches)).to(device)
+            logits = engine(input_ids=x[:, :-1]).logits
+            loss_sum, _, n = token_stats(logits, x[:, 1:])
+            micro_loss = loss_sum / n
+            engine.backward(micro_loss)
+            engine.step()
+            loss += micro_loss.detach() / plan.grad_accum
+        dist.all_reduce(loss)
+        loss /= plan.env.world_size
+        state.step += 1
+        state.consumed_samples += cfg.global_batch
+        window_steps += 1
+        if not torch.isfinite(loss) or not engine.was_step_applied():
+            state.nonfinite_in_a_row += 1
+            state.nonfinite_total += 1
+            say(f"step {state.step}: non-finite loss or gradient; update skipped ({state.nonfinite_in_a_row} in a row)")
+            if state.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                say(f"stopping: {state.nonfinite_in_a_row} non-finite steps in a row (max_nonfinite_steps); "
+                    "lower lr, check the data, or resume from an earlier checkpoint")
+                exit_code = EXIT_NONFINITE
+                break
+        else:
+            state.nonfinite_in_a_row = 0
+        record = {"kind": "train", "step": state.step, "consumed_samples": state.consumed_samples,
+                  "tokens": state.consumed_samples * cfg.seq_len, "loss": float(loss), "lr": engine.get_lr()[0],
+                  "grad_norm": _grad_norm(engine), "skipped_steps": state.nonfinite_total}
+        if state.step % cfg.log_every == 0 or state.step == plan.total_steps:
+            elapsed = time.perf_counter() - window_start
+            tps = window_steps * tokens_per_step / elapsed
+            per_device = tps / plan.env.world_size
+            record.update(tokens_per_s=tps, tokens_per_s_per_device=per_device,
+                          mfu=per_device * plan.flops_per_token / peak)
+            window_start, window_steps = time.perf_counter(), 0
+        sinks.write(record)
+        progress(record)
+        eval_loss = None
+        if plan.valid is not None and (state.step % cfg.eval_every == 0 or state.step == plan.total_steps):
+            metrics = evaluate(engine, plan, cfg, device)
+            eval_loss = metrics["eval_loss"]
+            if state.best_eval_loss is None or eval_loss < state.best_eval_loss:
+                state.best_eval_loss = eval_loss
+            sinks.write({"kind": "eval", "step": state.step, "tokens": state.consumed_samples * cfg.seq_len, **metrics})
+            say(f"step {state.step}: eval loss {eval_loss:.4f}, perplexity {metrics['eval_perplexity']:.2f}, "
+                f"accuracy {metrics['eval_accuracy']:.4f}")
+            window_start = time.perf_counter()
+        stopping = stop.requested(device)
+        if state.step % cfg.save_every == 0 or state.step == plan.total_steps or stopping:
+            save(eval_loss)
+            window_start = time.perf_counter()
+        if stopping:
+            say(f"stopped by signal after checkpoint {checkpoint.tag_for(state.step)}; exit {EXIT_REQUEUE} (requeue)")
+            exit_code = EXIT_REQUEUE
+            break
+    sinks.close()
+    stop.restore()
+    if exit_code == 0:
+        say(f"finished: {state.step} steps, {state.consumed_samples} samples; run directory {run_dir}")
+    dist.barrier()
+    dist.destroy_process_group()
+    return exit_code
+
+
+def _grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    norm = float(norm)
+    return norm if math.isfinite(norm) else None
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    """A console progress bar on rank 0; returns a function taking each step's record."""
+    if not enabled:
+        return lambda record: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+
+    def update(record: dict) -> None:
+        bar.update(1)
+        post = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}"}
+        if "tokens_per_s" in record:
+            post.update(tok_s=f"{record['tokens_per_s']:.0f}", mfu=f"{record['mfu']:.1%}")
+        bar.set_postfix(post, refresh=False)
+        if record["step"] >= total:
+            bar.close()
+
+    return update

@@ -1,0 +1,465 @@
+"""`kolm shard` end to end: real corpora, real subprocesses, real tokenizers, no mocks.
+
+The shards must decode back to the normalized input, be byte-identical whatever the number of
+workers, array tasks or kills along the way, be readable by megatron-core, and keep memory flat.
+Bad input is covered in test_shard_bad_input.py, which reuses the helpers defined here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import unicodedata
+import warnings
+from collections import Counter
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_kolm
+
+from kolm import indexed as kolm_indexed
+from kolm.indexed import open_tokens, read_index, write_index
+from kolm.manifest import load_shard_dir
+from kolm.tokenizer import train_tokenizer
+
+# Small chunks, shards and units so that chunking, rollover and unit boundaries all happen.
+SMALL = ("--chunk-docs", "64", "--max-shard-tokens", "5000", "--unit-bytes", "40000")
+
+
+# --------------------------------------------------------------------------- running kolm
+
+
+def clean_env(**extra: str) -> dict:
+    """The environment for a `kolm` child: no Slurm array variables unless a test sets them."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_ARRAY_")}
+    return {**env, **extra}
+
+
+def kolm(*args, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
+    return run_kolm(*args, check=check, env=env or clean_env())
+
+
+def shard_args(inputs, tokenizer, out, *options) -> list[str]:
+    inputs = [inputs] if isinstance(inputs, (str, Path)) else inputs
+    return ["shard", "--input", *inputs, "--tokenizer", tokenizer, "--out", out, "--no-progress", *options]
+
+
+def shard(inputs, tokenizer, out, *options, check: bool = True, env: dict | None = None):
+    """`kolm shard` in a subprocess; by default it must succeed."""
+    return kolm(*shard_args(inputs, tokenizer, out, *options), check=check, env=env)
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """A user-facing error: exit status 2, `kolm: error:` and every needle in the message."""
+    assert proc.returncode == 2, f"expected exit 2, got {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    assert "kolm: error:" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr, f"{needle!r} not in:\n{proc.stderr}"
+
+
+# --------------------------------------------------------------------------- writing corpora
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    """Lines joined by `\\n` as UTF-8, gzip-compressed when the name ends in .gz."""
+    data = "".join(f"{line}\n" for line in lines).encode("utf-8")
+    path.write_bytes(gzip.compress(data, mtime=0) if path.name.endswith(".gz") else data)
+    return path
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    return write_lines(path, [json.dumps(r, ensure_ascii=i % 2 == 0) for i, r in enumerate(records)])
+
+
+def write_parquet(path: Path, columns: dict[str, list]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path, row_group_size=100)
+    return path
+
+
+def variants(lines: list[str], copies: int, tag: str) -> list[str]:
+    """``copies`` distinct variations of every line (distinct texts hash to different splits)."""
+    return [f"{line} ({tag}{c}-{i})" for c in range(copies) for i, line in enumerate(lines)]
+
+
+def write_corpus(directory: Path, lines: list[str], files: int, copies: int) -> Path:
+    """A directory of ``files`` plain-text files, each holding ``copies`` variations of ``lines``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for f in range(files):
+        write_lines(directory / f"part{f}.txt", variants(lines, copies, f"f{f}r"))
+    return directory
+
+
+def normalized(lines: list[str]) -> list[str]:
+    """What a document should decode to: NFC, stripped, empty ones dropped."""
+    texts = (unicodedata.normalize("NFC", line).strip() for line in lines)
+    return [t for t in texts if t]
+
+
+# --------------------------------------------------------------------------- reading shards
+
+
+def documents(out: Path) -> list[np.ndarray]:
+    """Every document of every shard (train then valid), each ending with EOS, via kolm's reader."""
+    sd = load_shard_dir(out)
+    eos = sd.tokenizer["eos_id"]
+    docs = []
+    for entry in sd.manifest["shards"]:
+        index = read_index(sd.shard_path(entry, ".idx"))
+        tokens = open_tokens(sd.shard_path(entry, ".bin"), index.dtype)
+        ends = np.cumsum(index.sizes, dtype=np.int64)
+        for start, end in zip(ends - index.sizes, ends):
+            doc = np.array(tokens[start:end])
+            assert len(doc) and doc[-1] == eos, f"{entry['path']}: a document does not end with EOS"
+            docs.append(doc)
+    return docs
+
+
+@lru_cache(maxsize=4)
+def hf_tokenizer(tokenizer_dir: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def decoded(out: Path, tokenizer_dir: Path) -> list[str]:
+    """The text of every document, decoded with Hugging Face's tokenizer, EOS left out."""
+    tok = hf_tokenizer(str(tokenizer_dir))
+    return tok.batch_decode([doc[:-1].tolist() for doc in documents(out)])
+
+
+def assert_same_documents(got: list[str], expected: list[str]) -> None:
+    """Equal as multisets (the train/valid split reorders documents)."""
+    missing, extra = Counter(expected) - Counter(got), Counter(got) - Counter(expected)
+
+    def sample(c: Counter) -> list[str]:
+        return [t[:80] for t in list(c)[:3]]
+
+    assert not missing and not extra, (
+        f"{sum(missing.values())} documents missing, e.g. {sample(missing)}; "
+        f"{sum(extra.values())} unexpected, e.g. {sample(extra)}"
+    )
+
+
+def manifest(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+
+
+def tree_digest(root: Path, include_work: bool = False) -> dict[str, str]:
+    """sha256 of every file under ``root`` by relative path (without `.work/` by default)."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and (include_work or p.relative_to(root).parts[0] != ".work")
+    }
+
+
+def assert_same_output(a: Path, b: Path) -> None:
+    """Two shard directories hold byte-identical datasets (the `.work/` scratch aside)."""
+    assert (a / "manifest.json").read_bytes() == (b / "manifest.json").read_bytes()
+    da, db = tree_digest(a), tree_digest(b)
+    assert da.keys() == db.keys()
+    assert [k for k in da if da[k] != db[k]] == []
+
+
+def leftovers(root: Path) -> list[str]:
+    """Scratch files a finished run must not leave: shards in progress anywhere, temporary
+    files beside the dataset (a killed journal write may leave one inside `.work/`)."""
+    return [
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if p.name.endswith(".partial") or (".tmp-" in p.name and p.relative_to(root).parts[0] != ".work")
+    ]
+
+
+def units_done(out: Path) -> int:
+    return len(list((out / ".work").glob("unit-*.done.json")))
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory, korean_corpus, tokenizer_dir) -> Path:
+    """The bundled corpus as several units of several small shards, both splits non-empty."""
+    out = tmp_path_factory.mktemp("small") / "shards"
+    shard(korean_corpus, tokenizer_dir, out, "--valid-fraction", "0.1", *SMALL)
+    return out
+
+
+@pytest.fixture
+def damaged(tmp_path, small_shards) -> Path:
+    """A private copy of ``small_shards`` that a test may break."""
+    return Path(shutil.copytree(small_shards, tmp_path / "shards"))
+
+
+# --------------------------------------------------------------------------- 1. round trip
+
+
+def mixed_inputs(d: Path, lines: list[str], field: str) -> list[Path]:
+    """The corpus spread over .txt, .txt.gz, .jsonl.gz and .parquet, with messy whitespace,
+    decomposed (NFD) Hangul and blank lines; JSON/parquet hold the text in ``field`` next to
+    a decoy field."""
+    parts = [lines[i::4] for i in range(4)]
+    messy = [
+        unicodedata.normalize("NFD", line) if i % 3 == 0 else f"  \t{line}  " if i % 3 == 1 else line
+        for i, line in enumerate(parts[0])
+    ]
+    messy[5:5] = ["", "   ", "\t"]
+    decoy = "text" if field != "text" else "title"
+    texts = [unicodedata.normalize("NFD", t) if i % 5 == 0 else t for i, t in enumerate(parts[2])]
+    records = [{field: t, decoy: "x"} for t in texts]
+    return [
+        write_lines(d / "plain.txt", messy),
+        write_lines(d / "packed.txt.gz", parts[1]),
+        write_jsonl(d / "records.jsonl.gz", records),
+        write_parquet(d / "table.parquet", {decoy: ["x"] * len(parts[3]), field: parts[3]}),
+    ]
+
+
+@pytest.mark.parametrize("field", ["text", "body"])
+def test_shards_decode_to_the_normalized_input(tmp_path, korean_lines, tokenizer_dir, field):
+    inputs = mixed_inputs(tmp_path, korean_lines, field)
+    out = tmp_path / "shards"
+    options = ["--valid-fraction", "0.2", "--chunk-docs", "64", "--unit-bytes", "20000", "--workers", "2"]
+    shard(inputs, tokenizer_dir, out, *options, *(["--text-field", field] if field != "text" else []))
+
+    expected = normalized(korean_lines)
+    assert_same_documents(decoded(out, tokenizer_dir), expected)
+    m = manifest(out)
+    assert m["splits"]["train"]["documents"] > 0 and m["splits"]["valid"]["documents"] > 0
+    corpus = m["corpus"]
+    assert corpus["documents"] == len(expected)
+    assert corpus["records"] == len(korean_lines) + 3
+    assert corpus["skipped_empty"] == 3
+    assert corpus["characters"] == sum(map(len, expected))
+    assert corpus["repaired_utf8"] == corpus["long_documents"] == corpus["malformed_skipped"] == 0
+    assert kolm("shard", "verify", out, "--tokenizer", tokenizer_dir).returncode == 0
+
+
+# --------------------------------------------------------------------------- 2. workers
+
+
+def test_output_is_identical_for_one_and_two_workers(tmp_path, korean_corpus, tokenizer_dir):
+    outs = {}
+    for workers in (1, 2):
+        outs[workers] = tmp_path / f"w{workers}"
+        shard(korean_corpus, tokenizer_dir, outs[workers], "--valid-fraction", "0.1", "--workers", workers, *SMALL)
+    shards = manifest(outs[1])["shards"]
+    assert units_done(outs[1]) >= 3, "the corpus should span several units"
+    assert any(s["path"].endswith("-0001") for s in shards), "some unit should roll over to a second shard"
+    assert_same_output(outs[1], outs[2])
+
+
+# --------------------------------------------------------------------------- 3. kill and resume
+
+
+def kill_at_random(cmd: list[str], delays: list[float], logs: Path) -> list[bool]:
+    """Start ``cmd`` once per delay and SIGKILL its whole process group after that long.
+    Returns, per attempt, whether it was still running (so really killed)."""
+    killed = []
+    for n, delay in enumerate(delays):
+        with open(logs / f"attempt{n}.log", "wb") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=clean_env())
+            time.sleep(delay)
+            killed.append(proc.poll() is None)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return killed
+
+
+@pytest.mark.slow
+def test_killed_runs_resume_to_byte_identical_output(tmp_path, korean_lines, tokenizer_dir):
+    corpus = write_corpus(tmp_path / "corpus", korean_lines, files=3, copies=2)
+    options = ["--valid-fraction", "0.05", "--chunk-docs", "128", "--max-shard-tokens", "20000",
+               "--unit-bytes", "200000", "--workers", "2", "--checkpoint-seconds", "0"]
+    reference = tmp_path / "reference"
+    shard(corpus, tokenizer_dir, reference, *options)
+
+    out = tmp_path / "killed"
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    delays = [rng.uniform(0.3, 2.0) for _ in range(4)]
+    cmd = [sys.executable, "-m", "kolm.cli", *map(str, shard_args(corpus, tokenizer_dir, out, *options))]
+    killed = kill_at_random(cmd, delays, tmp_path)
+    context = f"seed {seed}, delays {delays}, killed {killed}"
+    assert killed[0], f"the first run should have been cut short ({context})"
+
+    final = shard(corpus, tokenizer_dir, out, *options)
+    said = final.stderr + "".join(p.read_text(errors="replace") for p in tmp_path.glob("attempt*.log"))
+    assert "restarting the unit" not in said, f"a journal did not match its files ({context}):\n{said}"
+    assert_same_output(reference, out)
+    assert leftovers(out) == [], context
+
+
+# --------------------------------------------------------------------------- 4. verify
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def verify(out: Path, *args) -> subprocess.CompletedProcess:
+    return kolm("shard", "verify", out, *args)
+
+
+def assert_reported(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """`kolm shard verify` found problems: exit 1, and one `BAD` line holds every needle."""
+    assert proc.returncode == 1, f"expected exit 1, got {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    bad = [line for line in proc.stderr.splitlines() if line.startswith("BAD ")]
+    assert any(all(n in line for n in needles) for line in bad), f"no BAD line with {needles}:\n{proc.stderr}"
+
+
+def test_verify_passes_on_good_shards(small_shards, tokenizer_dir):
+    proc = verify(small_shards, "--tokenizer", tokenizer_dir)
+    assert proc.returncode == 0 and proc.stdout.startswith("OK "), proc.stderr
+
+
+def test_verify_catches_a_flipped_byte(damaged):
+    target = damaged / "train" / "000001-0000.bin"
+    flip_byte(target, target.stat().st_size // 2)
+    assert_reported(verify(damaged), str(target), "sha256")
+
+
+def test_verify_catches_a_truncated_bin(damaged):
+    target = damaged / "valid" / "000000-0000.bin"
+    os.truncate(target, target.stat().st_size - 2)
+    assert_reported(verify(damaged), str(target), "truncated")
+
+
+def test_verify_reports_a_different_tokenizer(tmp_path, small_shards):
+    from kolm.corpus import bundled_corpus_files
+
+    other = tmp_path / "other-tok"
+    train_tokenizer(bundled_corpus_files(), other, vocab_size=1000, progress=False)
+    assert_reported(verify(small_shards, "--tokenizer", other), "does not match the tokenizer", "vocab_size")
+
+
+# --------------------------------------------------------------------------- 5. megatron-core
+
+
+@pytest.fixture(scope="module")
+def megatron():
+    """megatron-core's indexed dataset module (its import warns about missing Apex etc.)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets import indexed_dataset
+    return indexed_dataset
+
+
+def assert_megatron_reads(megatron, prefix: Path, docs: list[np.ndarray], dtype: np.dtype) -> None:
+    ds = megatron.IndexedDataset(str(prefix))
+    assert len(ds) == len(docs)
+    assert ds.index.dtype == dtype
+    for i, doc in enumerate(docs):
+        np.testing.assert_array_equal(ds[i], doc)
+        assert ds[i].dtype == dtype
+
+
+@pytest.mark.slow
+def test_megatron_reads_uint16_shards(megatron, small_shards):
+    sd = load_shard_dir(small_shards)
+    assert sd.dtype == np.uint16
+    for entry in sd.manifest["shards"]:
+        prefix = sd.shard_path(entry, "")
+        index = read_index(f"{prefix}.idx")
+        tokens = open_tokens(f"{prefix}.bin", index.dtype)
+        ends = np.cumsum(index.sizes, dtype=np.int64)
+        docs = [np.array(tokens[s:e]) for s, e in zip(ends - index.sizes, ends)]
+        assert_megatron_reads(megatron, prefix, docs, np.uint16)
+
+
+@pytest.mark.slow
+def test_megatron_reads_an_int32_index_written_by_kolm(megatron, tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 100_000, size=n, dtype=np.int32) for n in rng.integers(1, 50, size=300)]
+    prefix = tmp_path / "big-vocab"
+    Path(f"{prefix}.bin").write_bytes(np.concatenate(docs).tobytes())
+    sizes = tmp_path / "sizes.raw"
+    sizes.write_bytes(np.array([len(d) for d in docs], dtype=np.int32).tobytes())
+    monkeypatch.setattr(kolm_indexed, "_BLOCK", 64)  # several blocks: pointers carry across them
+    write_index(f"{prefix}.idx", sizes, np.int32)
+    assert_megatron_reads(megatron, prefix, docs, np.int32)
+
+    # Byte for byte what megatron's own builder writes for the same documents.
+    import torch
+
+    ref = tmp_path / "megatron"
+    builder = megatron.IndexedDatasetBuilder(f"{ref}.bin", dtype=np.int32)
+    for doc in docs:
+        builder.add_item(torch.from_numpy(doc))
+        builder.end_document()
+    builder.finalize(f"{ref}.idx")
+    assert Path(f"{prefix}.idx").read_bytes() == Path(f"{ref}.idx").read_bytes()
+
+
+# --------------------------------------------------------------------------- 7. array tasks
+
+
+def test_array_tasks_build_the_same_dataset_as_one_task(tmp_path, korean_corpus, tokenizer_dir, small_shards):
+    out = tmp_path / "tasks"
+    first = shard(korean_corpus, tokenizer_dir, out, "--valid-fraction", "0.1", *SMALL, "--num-tasks", "2",
+                  "--task-index", "0")
+    assert not (out / "manifest.json").exists() and "kolm shard merge" in first.stderr
+    plan_units = len(json.loads((out / ".work" / "plan.json").read_text())["units"])
+    assert plan_units >= 3 and units_done(out) == (plan_units + 1) // 2
+    odd = ", ".join(str(i) for i in range(1, plan_units, 2))
+    assert_user_error(kolm("shard", "merge", out), "not finished", f"units {odd}")
+
+    shard(korean_corpus, tokenizer_dir, out, "--valid-fraction", "0.1", *SMALL, "--num-tasks", "2",
+          "--task-index", "1")
+    assert_same_output(small_shards, out)
+
+
+def test_slurm_array_variables_choose_the_task(tmp_path, korean_corpus, tokenizer_dir, small_shards):
+    out = tmp_path / "slurm"
+    for task_id in ("1", "2"):  # as under `sbatch --array=1-2`
+        assert kolm("shard", "merge", out).returncode != 0, "a single task must not finish the whole dataset"
+        env = clean_env(SLURM_ARRAY_TASK_COUNT="2", SLURM_ARRAY_TASK_ID=task_id, SLURM_ARRAY_TASK_MIN="1")
+        shard(korean_corpus, tokenizer_dir, out, "--valid-fraction", "0.1", *SMALL, env=env)
+    assert_same_output(small_shards, out)
+
+
+# --------------------------------------------------------------------------- 8. memory
+
+PEAK_RSS = (
+    "import resource, subprocess, sys\n"
+    "proc = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+    "sys.stderr.write(proc.stderr)\n"
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    "sys.exit(proc.returncode)\n"
+)
+
+
+def peak_rss_kib(*args) -> int:
+    """Peak resident memory of the largest process of one `kolm` run (the CLI or a worker)."""
+    cmd = [sys.executable, "-c", PEAK_RSS, sys.executable, "-m", "kolm.cli", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env())
+    assert proc.returncode == 0, proc.stderr
+    return int(proc.stdout)
+
+
+@pytest.mark.slow
+def test_memory_stays_flat_as_the_corpus_grows(tmp_path, korean_lines, tokenizer_dir):
+    options = ["--workers", "2", "--chunk-docs", "256", "--max-shard-tokens", "200000", "--unit-bytes", "1M"]
+    peaks = {}
+    for copies in (1, 10):
+        corpus = write_corpus(tmp_path / f"corpus{copies}", korean_lines, files=1, copies=copies)
+        peaks[copies] = peak_rss_kib(*shard_args(corpus, tokenizer_dir, tmp_path / f"out{copies}", *options))
+    assert peaks[10] < 1.5 * peaks[1], f"peak RSS {peaks} KiB grows with the corpus"
