@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from kolm import checkpoint, distenv
+from kolm import checkpoint, distenv, dsconfig
 from kolm.config import RunConfig
 from kolm.errors import KolmError
 from kolm.manifest import check_tokenizer, load_shard_dir
@@ -51,6 +51,7 @@ class Plan:
     train: PackedDataset
     valid: PackedDataset | None
     model_config: object
+    ds_config: dict
     flops_per_token: float
     n_params: int
 
@@ -77,7 +78,8 @@ def prepare(cfg: RunConfig) -> Plan:
     valid = _valid_or_none(cfg)
     total = cfg.train_steps or math.ceil(cfg.epochs * train.num_samples / cfg.global_batch)
     model_config = build_config(shape, vocab, tok.eos_id, tok.eos_id, shape.max_position_embeddings)
-    return Plan(env, grad_accum, total, train, valid, model_config,
+    ds_config = dsconfig.build(cfg, env.world_size, grad_accum, total, on_cpu=not torch.cuda.is_available())
+    return Plan(env, grad_accum, total, train, valid, model_config, ds_config,
                 flops_per_token(shape, vocab, cfg.seq_len), parameter_count(shape, vocab))
 
 
@@ -106,13 +108,11 @@ def start_engine(cfg: RunConfig, plan: Plan, resume: checkpoint.Checkpoint | Non
     from deepspeed.accelerator import get_accelerator
     from transformers import PhiForCausalLM
 
-    from kolm import dsconfig
-
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
     on_cpu = get_accelerator().device_name() == "cpu"
     if not on_cpu:
         get_accelerator().set_device(plan.env.local_rank)
-    ds_config = dsconfig.build(cfg, plan.env.world_size, plan.grad_accum, plan.total_steps, on_cpu)
+    ds_config = dict(plan.ds_config)
     if resume is not None and resume.marker.get("world_size") != plan.env.world_size:
         if plan.env.is_main:
             checkpoint.to_universal(resume, say)

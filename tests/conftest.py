@@ -15,6 +15,10 @@ from kolm.tokenizer import train_tokenizer
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def korean_corpus_files() -> list[str]:
+    return bundled_corpus_files()
+
+
 @pytest.fixture(scope="session")
 def korean_lines() -> list[str]:
     """Non-empty lines of the bundled Korean corpus (constitution and bills), in order."""

@@ -1,0 +1,101 @@
+"""Start `kolm train` on several local processes, the way torchrun or srun would."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+TINY = {
+    "model": "phi-tiny",
+    "seq_len": 64,
+    "global_batch": 8,
+    "micro_batch": 2,
+    "lr": 3.0e-3,
+    "min_lr": 3.0e-4,
+    "warmup_steps": 3,
+    "train_steps": 12,
+    "eval_every": 6,
+    "eval_samples": 32,
+    "save_every": 4,
+    "log_every": 1,
+    "keep_checkpoints": 3,
+    "zero_stage": 2,
+    "precision": "bf16",
+    "tensorboard": False,
+}
+
+
+def write_recipe(path: Path, shards: Path, tokenizer: Path, run_dir: Path, **overrides) -> Path:
+    recipe = {**TINY, "data": str(shards), "tokenizer": str(tokenizer), "run_dir": str(run_dir), **overrides}
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Ranks:
+    """N `kolm train` processes in one process group, with torchrun-style environment."""
+
+    def __init__(self, n: int, recipe: Path, *overrides: str, log_dir: Path):
+        port = free_port()
+        self.procs: list[subprocess.Popen] = []
+        self.logs = [log_dir / f"rank{r}.log" for r in range(n)]
+        log_dir.mkdir(parents=True, exist_ok=True)
+        for r in range(n):
+            env = {**os.environ, "RANK": str(r), "WORLD_SIZE": str(n), "LOCAL_RANK": str(r),
+                   "LOCAL_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                   "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+            group = {"process_group": 0} if r == 0 else {"process_group": self.procs[0].pid}
+            with open(self.logs[r], "ab") as log:
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "kolm", "train", "--config", str(recipe), *overrides],
+                    env=env, stdout=log, stderr=subprocess.STDOUT, **group))
+
+    def wait(self, timeout: float = 600) -> list[int]:
+        deadline = time.monotonic() + timeout
+        codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in self.procs]
+        return codes
+
+    def signal_rank(self, rank: int, sig: int) -> None:
+        self.procs[rank].send_signal(sig)
+
+    def kill_all(self) -> None:
+        os.killpg(self.procs[0].pid, signal.SIGKILL)
+        for p in self.procs:
+            p.wait()
+
+    def output(self) -> str:
+        return "\n".join(log.read_text(errors="replace") for log in self.logs)
+
+
+def run_ranks(n: int, recipe: Path, *overrides: str, log_dir: Path, timeout: float = 600) -> tuple[list[int], str]:
+    ranks = Ranks(n, recipe, *overrides, log_dir=log_dir)
+    codes = ranks.wait(timeout)
+    return codes, ranks.output()
+
+
+def train_records(run_dir: Path, kind: str = "train") -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == kind]
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)

@@ -1,0 +1,169 @@
+"""Run config, DeepSpeed config filling, presets and the distributed environment: fast checks
+that bad configuration fails before any process group starts, with a message naming the key."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kolm import distenv, dsconfig
+from kolm.config import RunConfig, load_config
+from kolm.errors import KolmError
+from kolm.presets import PRESETS, build_config, flops_per_token, get_shape, padded_vocab, parameter_count, phi_config_dict
+
+BASE = ["data=/d", "tokenizer=/t", "run_dir=/r"]
+
+
+def test_recipe_and_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: phi-tiny\nseq_len: 128\nlr: 1.0e-3\n")
+    cfg = load_config(recipe, [*BASE, "seq_len=256", "model_overrides.num_hidden_layers=3", "tensorboard=false"])
+    assert (cfg.model, cfg.seq_len, cfg.lr, cfg.tensorboard) == ("phi-tiny", 256, 1e-3, False)
+    assert cfg.model_overrides == {"num_hidden_layers": 3}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["learning_rate=1e-3"], "unknown config key `learning_rate`"),
+        (["micro_bach=4"], "did you mean `micro_batch`"),
+        (["seq_len=long"], "`seq_len` in the command line must be int, got 'long'"),
+        (["zero_stage=4"], "`zero_stage` must be 1, 2 or 3"),
+        (["precision=fp16"], "`precision` must be bf16 or fp32"),
+        (["global_batch=10", "micro_batch=4"], "global_batch 10 is not a multiple of micro_batch 4"),
+        (["min_lr=1.0", "lr=0.1"], "`min_lr` 1.0 must be in"),
+        (["seq_len"], "is not key=value"),
+    ],
+)
+def test_bad_config_names_the_key(overrides, message):
+    with pytest.raises(KolmError, match=message.replace("(", r"\(").replace("`", "`")):
+        load_config(None, [*BASE, *overrides])
+
+
+def test_missing_paths_and_recipe_errors(tmp_path):
+    with pytest.raises(KolmError, match="`data` is required"):
+        load_config(None, ["tokenizer=/t", "run_dir=/r"])
+    with pytest.raises(KolmError, match="recipe not found"):
+        load_config(tmp_path / "nope.yaml", BASE)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: [1, 2\n")
+    with pytest.raises(KolmError, match="not valid YAML"):
+        load_config(bad, BASE)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("warmup: 10\n")
+    with pytest.raises(KolmError, match=f"unknown config key `warmup` in {typo}"):
+        load_config(typo, BASE)
+
+
+def test_ds_config_is_filled_from_the_run_config():
+    cfg = RunConfig(data="d", tokenizer="t", run_dir="r", zero_stage=3, global_batch=32, micro_batch=2)
+    ds = dsconfig.build(cfg, dp_world=4, grad_accum=4, total_steps=1000, on_cpu=True)
+    assert ds["train_batch_size"] == 32 and ds["gradient_accumulation_steps"] == 4
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] is True
+    assert ds["optimizer"]["params"]["lr"] == cfg.lr and ds["scheduler"]["params"]["total_num_steps"] == 1000
+    assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] > 0  # the template's own settings survive
+
+
+def test_contradicting_ds_config_is_refused(tmp_path):
+    user = tmp_path / "mine.json"
+    user.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}}))
+    cfg = RunConfig(data="d", tokenizer="t", run_dir="r", micro_batch=4, deepspeed_config=str(user))
+    with pytest.raises(KolmError, match="sets train_micro_batch_size_per_gpu = 8 .* gives 4 \\(from micro_batch\\)"):
+        dsconfig.build(cfg, 1, 64, 10, True)
+    stage = RunConfig(data="d", tokenizer="t", run_dir="r", zero_stage=1, deepspeed_config="zero3.json")
+    with pytest.raises(KolmError, match="zero_optimization.stage = 3"):
+        dsconfig.build(stage, 1, 64, 10, True)
+    agreeing = RunConfig(data="d", tokenizer="t", run_dir="r", micro_batch=8, deepspeed_config=str(user))
+    assert dsconfig.build(agreeing, 1, 32, 10, True)["train_micro_batch_size_per_gpu"] == 8
+
+
+@pytest.mark.parametrize("name", ["phi-tiny", "phi-10m", "phi-40m"])
+def test_parameter_count_matches_the_real_model(name):
+    from transformers import PhiForCausalLM
+
+    shape = get_shape(name)
+    model = PhiForCausalLM(build_config(shape, 1024, 0, 0, shape.max_position_embeddings))
+    assert parameter_count(shape, 1024) == sum(p.numel() for p in model.parameters())
+
+
+def test_phi_presets_have_the_published_shapes():
+    phi15 = PRESETS["phi-1.5"]
+    assert (phi15.hidden_size, phi15.num_hidden_layers, phi15.num_attention_heads, phi15.intermediate_size) == (
+        2048, 24, 32, 8192)
+    assert phi15.partial_rotary_factor == 0.5 and phi15.hidden_act == "gelu_new"
+    assert 1.3e9 < parameter_count(phi15, 51200) < 1.45e9
+    assert 2.7e9 < parameter_count(PRESETS["phi-2"], 51200) < 2.85e9
+    n = parameter_count(phi15, 51200) - 51200 * 2048
+    assert flops_per_token(phi15, 51200, 2048) == 6 * n + 12 * 24 * 2048 * 2048
+    assert padded_vocab(50295) == 50304 and padded_vocab(8000) == 8000
+
+
+def test_config_dict_writes_every_phi_field():
+    from transformers import PhiConfig
+
+    d = phi_config_dict(PRESETS["phi-1.5"], 51200, 7, 7, 2048)
+    library_fields = set(PhiConfig().to_dict()) - {
+        "transformers_version", "dtype", "output_attentions", "output_hidden_states", "return_dict",
+        "is_encoder_decoder", "problem_type", "chunk_size_feed_forward", "id2label", "label2id", "_name_or_path"}
+    assert library_fields <= set(d)
+    assert (d["bos_token_id"], d["eos_token_id"], d["tie_word_embeddings"]) == (7, 7, False)
+
+
+def test_unknown_preset_and_bad_override():
+    with pytest.raises(KolmError, match="unknown model preset 'phi-3'"):
+        get_shape("phi-3")
+    with pytest.raises(KolmError, match="unknown model field"):
+        get_shape("phi-tiny", hidden=3)
+    with pytest.raises(KolmError, match="not divisible by num_attention_heads"):
+        get_shape("phi-tiny", hidden_size=66)
+
+
+def test_nodelist_expansion_and_slurm_environment(monkeypatch):
+    assert distenv.expand_nodelist("gpu[01-03,07],login1") == ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]
+    assert distenv.expand_nodelist("n[8-10]-ib") == ["n8-ib", "n9-ib", "n10-ib"]
+    assert distenv.expand_nodelist("solo") == ["solo"]
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_JOB_ID", "123456")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "node[3-4]")
+    env = distenv.detect()
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr) == (5, 16, 1, "node3")
+    assert env.master_port == distenv.slurm_master_port("123456") and env.launcher == "slurm"
+    monkeypatch.delenv("SLURM_JOB_NODELIST")
+    with pytest.raises(KolmError, match="SLURM_JOB_NODELIST is not set"):
+        distenv.detect()
+
+
+def test_torchrun_environment_requires_master(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(KolmError, match="MASTER_ADDR is not"):
+        distenv.detect()
+    monkeypatch.setenv("MASTER_ADDR", "h")
+    monkeypatch.setenv("MASTER_PORT", "x")
+    with pytest.raises(KolmError, match="MASTER_PORT='x' is not an integer"):
+        distenv.detect()
+
+
+def test_token_stats_scores_prediction_i_against_token_i_plus_1():
+    from kolm.metrics import EvalTotals, token_stats
+
+    vocab = 5
+    window = torch.tensor([[1, 2, 3, 4]])
+    logits = torch.full((1, 3, vocab), -10.0)
+    logits[0, 0, 2] = logits[0, 1, 3] = 10.0  # right for targets 2 and 3
+    logits[0, 2, 0] = 10.0  # wrong: target is 4
+    loss_sum, correct, n = token_stats(logits, window[:, 1:])
+    assert (int(correct), n) == (2, 3)
+    totals = EvalTotals()
+    totals.add(loss_sum, correct, n)
+    summary = totals.summary()
+    assert summary["eval_accuracy"] == pytest.approx(2 / 3)
+    assert summary["eval_loss"] == pytest.approx(float(loss_sum) / 3)

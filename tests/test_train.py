@@ -1,0 +1,164 @@
+"""`kolm train` on 2 CPU processes with real DeepSpeed engines (gloo): ZeRO-1/2/3 training,
+exact resume after SIGKILL, resume on a different number of ranks, graceful stop on a signal."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+from dist import Ranks, run_ranks, train_records, wait_for, write_recipe
+
+from kolm.checkpoint import MARKER, complete_checkpoints
+from kolm.shard import ShardOptions, run_shard
+from kolm.signals import EXIT_REQUEUE
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, korean_corpus, tokenizer_dir):
+    out = tmp_path_factory.mktemp("train-data") / "shards"
+    run_shard([str(korean_corpus)], str(tokenizer_dir), out, ShardOptions(valid_fraction=0.05), workers=1,
+              progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, shards, tokenizer_dir):
+    """An uninterrupted 12-step ZeRO-2 run on 2 ranks: the baseline for the resume tests."""
+    root = tmp_path_factory.mktemp("reference")
+    run_dir = root / "run"
+    recipe = write_recipe(root / "recipe.yaml", shards, tokenizer_dir, run_dir)
+    codes, out = run_ranks(2, recipe, log_dir=root / "logs")
+    assert codes == [0, 0], out[-3000:]
+    return run_dir
+
+
+def _losses(run_dir):
+    return [(r["step"], r["consumed_samples"], r["loss"]) for r in train_records(run_dir)]
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stage_trains_under_torchrun_and_loss_falls(tmp_path, shards, tokenizer_dir, stage):
+    run_dir = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", shards, tokenizer_dir, run_dir, zero_stage=stage,
+                          tensorboard=True, log_every=4)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "kolm", "train", "--config", str(recipe)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"},
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = train_records(run_dir)
+    assert [r["step"] for r in records] == list(range(1, 13))
+    first, last = records[0]["loss"], sum(r["loss"] for r in records[-3:]) / 3
+    assert last < first - 0.3, f"loss did not fall: {first:.3f} -> {last:.3f}"
+    timed = [r for r in records if "tokens_per_s" in r]
+    assert timed and all(r["tokens_per_s"] > 0 and r["mfu"] > 0 for r in timed)
+    evals = train_records(run_dir, "eval")
+    assert [e["step"] for e in evals] == [6, 12]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert 0 < evals[-1]["eval_accuracy"] < 1 and evals[-1]["eval_perplexity"] > 1
+    assert {c.step for c in complete_checkpoints(run_dir / "checkpoints")} == {4, 8, 12}
+    assert (run_dir / "checkpoints" / "latest").read_text() == "global_step12"
+    assert any((run_dir / "tensorboard").iterdir())
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run_bitwise(tmp_path, shards, tokenizer_dir, reference):
+    run_dir = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", shards, tokenizer_dir, run_dir)
+    ranks = Ranks(2, recipe, log_dir=tmp_path / "logs1")
+    # Kill hard once step 6 is logged: global_step4 is complete, steps 5-6 are lost work.
+    wait_for(lambda: len(train_records(run_dir)) >= 6, 600, "step 6")
+    ranks.kill_all()
+    assert (run_dir / "checkpoints" / "global_step4" / MARKER).is_file()
+    codes, out = run_ranks(2, recipe, log_dir=tmp_path / "logs2")
+    assert codes == [0, 0], out[-3000:]
+    assert "resuming from global_step" in out
+    # CPU kernels and gloo's two-rank reduction are deterministic: the losses match exactly.
+    assert _losses(run_dir) == _losses(reference)
+
+
+def test_resume_on_one_rank_after_two(tmp_path, shards, tokenizer_dir, reference):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(reference / "checkpoints" / "global_step8", run_dir / "checkpoints" / "global_step8")
+    shutil.copy(reference / "metrics.jsonl", run_dir / "metrics.jsonl")
+    recipe = write_recipe(tmp_path / "r.yaml", shards, tokenizer_dir, run_dir)
+    codes, out = run_ranks(1, recipe, log_dir=tmp_path / "logs")
+    assert codes == [0], out[-3000:]
+    assert "converting it to a universal checkpoint" in out
+    mine, ref = _losses(run_dir), _losses(reference)
+    # Same samples in every step (the consumed-sample sequence is identical) ...
+    assert [(s, c) for s, c, _ in mine] == [(s, c) for s, c, _ in ref]
+    # ... but one rank accumulates 4 micro-batches where two ranks sum 2 each over gloo, and
+    # bf16 rounding differs with the summation order; the losses agree to bf16 precision.
+    for (_, _, a), (_, _, b) in zip(mine[8:], ref[8:], strict=True):
+        assert a == pytest.approx(b, rel=2e-2)
+
+
+def test_signal_to_one_rank_checkpoints_all_and_exits_for_requeue(tmp_path, shards, tokenizer_dir):
+    run_dir = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", shards, tokenizer_dir, run_dir, train_steps=10, save_every=100,
+                          eval_every=100)
+    ranks = Ranks(2, recipe, log_dir=tmp_path / "logs1")
+    wait_for(lambda: len(train_records(run_dir)) >= 2, 600, "step 2")
+    ranks.signal_rank(1, signal.SIGUSR1)
+    codes = ranks.wait()
+    assert codes == [EXIT_REQUEUE, EXIT_REQUEUE], ranks.output()[-3000:]
+    ckpts = complete_checkpoints(run_dir / "checkpoints")
+    assert len(ckpts) == 1 and 2 <= ckpts[0].step < 10
+    codes, out = run_ranks(2, recipe, log_dir=tmp_path / "logs2")
+    assert codes == [0, 0], out[-3000:]
+    assert [r["step"] for r in train_records(run_dir)] == list(range(1, 11))
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, shards, tokenizer_dir):
+    run_dir = tmp_path / "run"
+    # An absurd learning rate blows the weights up after the first update: every later loss
+    # is non-finite, DeepSpeed skips those updates, and kolm stops after 3 in a row.
+    recipe = write_recipe(tmp_path / "r.yaml", shards, tokenizer_dir, run_dir, lr=1.0e30, min_lr=0.0,
+                          warmup_steps=0, max_nonfinite_steps=3, save_every=100, eval_every=100)
+    codes, out = run_ranks(2, recipe, log_dir=tmp_path / "logs")
+    assert codes == [3, 3], out[-3000:]
+    assert "3 non-finite steps in a row" in out and "update skipped" in out
+    assert train_records(run_dir)[-1]["skipped_steps"] == 3
+
+
+def test_resume_on_different_data_is_refused_unless_overridden(tmp_path, shards, tokenizer_dir, reference):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference / "checkpoints" / "global_step12", run_dir / "checkpoints" / "global_step12")
+    recipe = write_recipe(tmp_path / "r.yaml", shards, tokenizer_dir, run_dir, seq_len=32, train_steps=13)
+    codes, out = run_ranks(1, recipe, log_dir=tmp_path / "logs")
+    assert codes == [2, ], out[-3000:]
+    assert "was trained on different data (seq_len, num_samples differ)" in out
+    assert "ignore_data_fingerprint=true" in out
+
+
+def _check(recipe, *overrides, env=None):
+    return subprocess.run([sys.executable, "-m", "kolm", "train", "--config", str(recipe), "--check", *overrides],
+                          capture_output=True, text=True, env={**os.environ, **(env or {})})
+
+
+def test_check_catches_layout_and_data_errors_before_any_process_group(tmp_path, shards, tokenizer_dir):
+    recipe = write_recipe(tmp_path / "r.yaml", shards, tokenizer_dir, tmp_path / "run")
+    ok = _check(recipe)
+    assert ok.returncode == 0 and "gradient accumulation 4 on 1 ranks" in ok.stdout
+    three = {"RANK": "0", "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
+    layout = _check(recipe, env=three)
+    assert layout.returncode == 2 and "global batch 8 is not divisible by micro batch 2 x 3" in layout.stderr
+    long = _check(recipe, "seq_len=4096")
+    assert long.returncode == 2 and "exceeds model phi-tiny's max_position_embeddings" in long.stderr
+    missing = _check(recipe, f"data={tmp_path / 'nope'}")
+    assert missing.returncode == 2 and "no such shard directory" in missing.stderr
+    other_tok = tmp_path / "tok2"
+    from kolm.tokenizer import train_tokenizer
+    from conftest import korean_corpus_files
+
+    train_tokenizer(korean_corpus_files(), other_tok, vocab_size=600, progress=False)
+    mismatch = _check(recipe, f"tokenizer={other_tok}")
+    assert mismatch.returncode == 2 and "does not match the tokenizer of" in mismatch.stderr
+    assert not (tmp_path / "run").exists()
