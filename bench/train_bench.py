@@ -79,6 +79,7 @@ class Measurement:
     background: float  # cores kept busy by other processes during the run
     wall: float  # the whole run, start-up included
     step_seconds: list[float] = field(default_factory=list)
+    grad_norms: list[float | None] = field(default_factory=list)  # kolm's logged norm per step, every step
 
     @property
     def useful_rate(self) -> float:
@@ -268,8 +269,14 @@ def child_seed(corpus: Path, tok_dir: Path, model: str, seq_len: int, threads: i
         import accelerate  # noqa: F401  (Trainer needs it; the `bench` extra does not bring it)
     except ImportError:
         sys.exit("train_bench: transformers.Trainer needs `accelerate`: .venv/bin/pip install accelerate")
-    from transformers import (AutoTokenizer, DataCollatorForLanguageModeling, PhiForCausalLM, Trainer,
-                              TrainerCallback, TrainingArguments)
+    from transformers import (
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        PhiForCausalLM,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     tok.pad_token = tok.eos_token
@@ -390,6 +397,7 @@ def measure_kolm(method: str, shards: Path, tok: Path, args: argparse.Namespace)
         method, nproc, threads, steps, seconds, tokens, tokens, mfu, float(peak.group(1)) if peak else None,
         flops_for(tok, args.model, args.seq_len), kept[0]["loss"], kept[-1]["loss"], timed.background, timed.wall,
         [r["tokens"] // r["step"] / r["tokens_per_s"] for r in kept if "tokens_per_s" in r],
+        [r.get("grad_norm") for r in records],
     )
 
 
@@ -524,17 +532,27 @@ def measure(method: str, corpus: Path, shards: Path, tok: Path, args: argparse.N
     return measure_kolm(method, shards, tok, args)
 
 
-def run_all(corpus: Path, shards: Path, tok: Path, args: argparse.Namespace) -> list[Measurement]:
-    results = []
+def merge_peaks(best: dict, new: dict) -> dict:
+    """Keep the highest of each peak: background load only ever lowers a measurement."""
+    return {k: max(v, best.get(k, 0.0)) for k, v in new.items()}
+
+
+def run_all(corpus: Path, shards: Path, tok: Path, args: argparse.Namespace) -> tuple[list[Measurement], dict]:
+    """Every method once per round; the matmul peaks are measured again at the start of each round."""
+    results: list[Measurement] = []
+    peaks: dict = {}
     for r, method in rounds(args.methods, args.repeats):
         wait_for_quiet(args.quiet_cores, args.max_wait)
+        if len(results) % len(args.methods) == 0:
+            peaks = merge_peaks(peaks, measure_peaks(args))
+            print("  peaks (GFLOP/s): " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in peaks.items()), file=sys.stderr)
         m = measure(method, corpus, shards, tok, args)
         mfu = f"  MFU {m.mfu:.1%}" if m.mfu is not None else ""
         print(f"  round {r + 1}/{args.repeats} {method:9s} {m.steps} steps {m.seconds:7.1f} s  "
               f"useful {m.useful_rate:8,.0f} tok/s  total {m.total_rate:8,.0f} tok/s{mfu}  "
               f"others busy {m.background:.2f} cores  (wall {m.wall:.0f} s)", file=sys.stderr)
         results.append(m)
-    return results
+    return results, peaks
 
 
 # --------------------------------------------------------------------------- reporting
@@ -610,7 +628,8 @@ def format_report(best: dict[str, Measurement], results: list[Measurement], peak
         "",
         f"- machine: {os.cpu_count()} CPUs, {cpu_model()}, no GPU; Python {platform.python_version()}, "
         f"{library_versions()}",
-        f"- matmul peak (1024^3 fp32; bf16 at 256^3): fp32 {peaks['float32-1'] / 1e9:.1f} GFLOP/s on 1 thread, "
+        f"- matmul peak (best per round; 1024^3 fp32, bf16 at 256^3): fp32 {peaks['float32-1'] / 1e9:.1f} GFLOP/s "
+        "on 1 thread, "
         f"{peaks['float32-2'] / 1e9:.1f} on 2; bf16 {peaks['bfloat16-1'] / 1e9:.1f} / {peaks['bfloat16-2'] / 1e9:.1f}"
         " - no native bf16 on this CPU, so every run is fp32",
         f"- data: first {args.lines:,} lines of `{args.corpus.name}`; tokenizer `{tok.name}` (kolm BPE); model "
@@ -664,17 +683,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="phi-40m", help="kolm preset (default: phi-40m)")
     p.add_argument("--seq-len", type=int, default=256, help="kolm window length and the seed's max_length")
     p.add_argument("--steps", type=int, default=6, help="timed optimizer steps per run (default: 6)")
-    p.add_argument("--seed-steps", type=int, default=0, help="timed steps for the seed (default: --steps)")
+    p.add_argument("--seed-steps", type=int, default=15, help="timed steps for the seed (default: 15)")
     p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first (default: 2)")
     p.add_argument("--threads", type=int, default=2, help="threads of the seed's one process (default: 2)")
     p.add_argument("--vocab-size", type=int, default=8000)
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="subset to run")
-    p.add_argument("--repeats", type=int, default=1, help="interleaved rounds (default: 1)")
+    p.add_argument("--methods", nargs="*", choices=METHODS, default=list(METHODS),
+                   help="subset to run (none: only --profile)")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved rounds (default: 2)")
     p.add_argument("--profile", action="store_true", help="also profile rank 0 of a 2-process kolm run with py-spy")
     p.add_argument("--profile-seconds", type=int, default=40)
     p.add_argument("--quiet-cores", type=float, default=0.5,
                    help="before each run, wait until all processes use fewer cores than this (default: 0.5)")
-    p.add_argument("--max-wait", type=float, default=60.0, help="longest such wait in seconds (default: 60)")
+    p.add_argument("--max-wait", type=float, default=120.0, help="longest such wait in seconds (default: 120)")
     p.add_argument("--timeout", type=float, default=900.0, help="per run, seconds (default: 900)")
     p.add_argument("--notes", default="", help="free text added to the RESULTS.md entry")
     p.add_argument("--no-record", action="store_true", help=f"print only; do not append to {RESULTS.name}")
@@ -705,13 +725,14 @@ def main(argv: list[str] | None = None) -> int:
     corpus = prepare_corpus(args.corpus, args.lines)
     tok = ensure_tokenizer(corpus, args.vocab_size)
     shards = ensure_shards(corpus, tok, 0.002)
-    peaks = measure_peaks(args)
-    print("  peaks (GFLOP/s): " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in peaks.items()), file=sys.stderr)
-    results = run_all(corpus, shards, tok, args)
     profile = None
     if args.profile:
+        wait_for_quiet(args.quiet_cores, args.max_wait)
         profile = format_profile(profile_kolm(shards, tok, args), args.profile_seconds)
         print(profile, file=sys.stderr)
+    if not args.methods:
+        return 0
+    results, peaks = run_all(corpus, shards, tok, args)
     report = format_report(best_of(results), results, peaks, args, tok, command, load_before, profile)
     print(report)
     if not args.no_record:

@@ -34,6 +34,8 @@ def _add_corpus_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kolm", description="Korean Phi pretraining kit")
+    # The `deepspeed` launcher passes --local_rank=N; LOCAL_RANK in the environment says the same.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tool", required=True)

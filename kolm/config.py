@@ -122,9 +122,8 @@ def _coerce(key: str, value, kind: type, where: str):
     elif kind is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-    elif kind is dict:
-        if isinstance(value, dict):
-            return value
+    elif kind is dict and isinstance(value, dict):
+        return value
     return _bad(key, value, kind, where)
 
 

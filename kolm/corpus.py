@@ -223,31 +223,65 @@ def _seek_to_line(f, start: int) -> int:
     return start - 1 + len(f.readline())
 
 
-def _long_line_pieces(f, head: bytes, kind: str, path: str, line_no: int, pos: int, piece_bytes: int):
-    """Yield one over-long line as FIRST/MIDDLE/LAST piece chunks of bounded size.
+# Whitespace-only pieces after a line's content are held back (they may be its trailing
+# whitespace, which is stripped); past this many they are passed on as interior whitespace.
+MAX_HELD_PIECES = 16
 
-    Pieces are cut just before a space when there is one (byte-level BPE starts a word at its
-    leading space, so the tokens match those of the whole line), else at a character boundary.
-    Returns the number of bytes consumed.
-    """
-    consumed = len(head)
-    buf = head
-    flag = FIRST
-    offset = pos
+
+def _long_line_pieces(f, head: bytes, kind: str, path: str, line_no: int, pos: int, piece_bytes: int):
+    """Yield one over-long line as FIRST/MIDDLE/LAST piece chunks of bounded size, stripping
+    the line's leading and trailing whitespace as a short line would be. Returns the number
+    of bytes consumed."""
+    started = False
+    held: list[tuple[bytes, int]] = []  # whitespace that is trailing unless content follows
+    end = pos
+    for piece, offset, last in _raw_pieces(f, head, pos, piece_bytes):
+        end = offset + len(piece)
+        if not started:
+            stripped = piece.lstrip()
+            offset += len(piece) - len(stripped)
+            piece = stripped
+        body = piece.rstrip()
+        if last:
+            if body:
+                yield from _flush(held, kind, path, line_no)
+            yield Chunk(kind, [body], path, line_no, offset, LAST if started else WHOLE)
+            return end - pos
+        if body:
+            yield from _flush(held, kind, path, line_no)
+            yield Chunk(kind, [body], path, line_no, offset, MIDDLE if started else FIRST)
+            started = True
+        if started and len(body) < len(piece):
+            held.append((piece[len(body):], offset + len(body)))
+            if len(held) > MAX_HELD_PIECES:
+                yield from _flush(held, kind, path, line_no)
+    return end - pos
+
+
+def _flush(held: list[tuple[bytes, int]], kind: str, path: str, line_no: int) -> Iterator[Chunk]:
+    """Pass on held whitespace as interior pieces of the document."""
+    for piece, offset in held:
+        yield Chunk(kind, [piece], path, line_no, offset, MIDDLE)
+    held.clear()
+
+
+def _raw_pieces(f, head: bytes, pos: int, piece_bytes: int):
+    """The bytes of one long line as (piece, offset, is_last), each piece at most
+    ``piece_bytes``. Pieces are cut just before a space when there is one (byte-level BPE
+    starts a word at its leading space, so the tokens match those of the whole line), else at
+    a character boundary."""
+    buf, offset = head, pos
     while True:
         # At most one piece is buffered here; read on until the newline or the end of the file.
         more = b"" if buf.endswith(b"\n") else f.readline(piece_bytes)
         if not more:
-            # A line of exactly one piece (at the end of the file) is an ordinary document.
-            yield Chunk(kind, [buf], path, line_no, offset, WHOLE if flag == FIRST else LAST)
-            return consumed
-        consumed += len(more)
+            yield buf, offset, True
+            return
         buf += more
         # Cut only once the next bytes are here, so a cut never splits a character.
         while len(buf) > piece_bytes:
             cut = _cut_point(buf[:piece_bytes])
-            yield Chunk(kind, [buf[:cut]], path, line_no, offset, flag)
-            flag = MIDDLE
+            yield buf[:cut], offset, False
             offset += cut
             buf = buf[cut:]
 

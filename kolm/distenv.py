@@ -75,7 +75,9 @@ def detect() -> DistEnv:
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
         missing = [v for v in ("SLURM_LOCALID", "SLURM_JOB_ID", "SLURM_JOB_NODELIST") if v not in env]
         if missing:
-            raise KolmError(f"running under srun but {', '.join(missing)} is not set; start with `srun` inside an allocation")
+            raise KolmError(
+                f"running under srun but {', '.join(missing)} is not set; start with `srun` inside an allocation"
+            )
         hosts = expand_nodelist(env["SLURM_JOB_NODELIST"])
         port = _int_env("MASTER_PORT") if "MASTER_PORT" in env else slurm_master_port(env["SLURM_JOB_ID"])
         return DistEnv(_int_env("SLURM_PROCID"), _int_env("SLURM_NTASKS"), _int_env("SLURM_LOCALID"),

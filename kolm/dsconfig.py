@@ -51,7 +51,7 @@ def run_fields(cfg: RunConfig, dp_world: int, grad_accum: int, total_steps: int,
             "type": "WarmupCosineLR",
             "params": {
                 "total_num_steps": total_steps,
-                "warmup_num_steps": cfg.warmup_steps,
+                "warmup_num_steps": max(1, cfg.warmup_steps),  # DeepSpeed needs at least one
                 "warmup_min_ratio": 0.0,
                 "warmup_type": "linear",
                 "cos_min_ratio": cfg.min_lr / cfg.lr if cfg.lr else 0.0,
@@ -81,7 +81,7 @@ def merge(template: dict, fields: dict, source: str, path: str = "") -> dict:
         mine = out.get(key, "auto")
         if isinstance(value, dict) and isinstance(mine, dict):
             out[key] = merge(mine, value, source, f"{dotted}.")
-        elif mine == "auto" or mine == value or key not in out or isinstance(mine, (int, float)) and isinstance(value, (int, float)) and float(mine) == float(value):
+        elif mine == "auto" or _same(mine, value):
             out[key] = value
         else:
             recipe_key = next((v for k, v in _RECIPE_KEYS.items() if dotted.startswith(k)), dotted)
@@ -90,6 +90,13 @@ def merge(template: dict, fields: dict, source: str, path: str = "") -> dict:
                 f"(from {recipe_key}); remove it from the JSON (or write \"auto\") or change the recipe"
             )
     return out
+
+
+def _same(a, b) -> bool:
+    numbers = (int, float)
+    if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool):
+        return float(a) == float(b)
+    return a == b
 
 
 def build(cfg: RunConfig, dp_world: int, grad_accum: int, total_steps: int, on_cpu: bool) -> dict:

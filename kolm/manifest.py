@@ -108,7 +108,8 @@ def _verify_shard(sd: ShardDir, entry: dict, vocab: int, eos: int) -> list[str]:
         problems.append(f"{idx_path}: dtype {index.dtype} but manifest says {sd.dtype}")
         return problems
     if len(index.sizes) != entry["documents"] or index.num_tokens != entry["tokens"]:
-        problems.append(f"{name}: index counts ({len(index.sizes)} docs, {index.num_tokens} tokens) differ from the manifest")
+        counts = f"{len(index.sizes)} docs, {index.num_tokens} tokens"
+        problems.append(f"{name}: index counts ({counts}) differ from the manifest")
         return problems
     expected_ptr = np.concatenate([[0], np.cumsum(index.sizes[:-1], dtype=np.int64)]) * sd.dtype.itemsize
     if len(index.sizes) and not np.array_equal(index.pointers, expected_ptr):

@@ -125,7 +125,9 @@ class PackedDataset:
                 yield self.samples(base + a * micro_batch, micro_batch)
             step += 1
 
-    def eval_batches(self, micro_batch: int, dp_rank: int, dp_world: int, max_samples: int | None = None) -> Iterator[np.ndarray]:
+    def eval_batches(
+        self, micro_batch: int, dp_rank: int, dp_world: int, max_samples: int | None = None
+    ) -> Iterator[np.ndarray]:
         """Windows in stream order (no shuffle), rank ``r`` taking every ``dp_world``-th batch."""
         n = self.num_samples if max_samples is None else min(max_samples, self.num_samples)
         starts = range(dp_rank * micro_batch, n, dp_world * micro_batch)

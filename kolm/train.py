@@ -169,109 +169,154 @@ def evaluate(engine, plan: Plan, cfg: RunConfig, device: torch.device) -> dict:
     return totals.all_reduce(device).summary()
 
 
-def train(cfg: RunConfig) -> int:
-    plan = prepare(cfg)
-    run_dir, ckpt_dir = Path(cfg.run_dir), Path(cfg.run_dir) / "checkpoints"
-    resume = checkpoint.find_resume(ckpt_dir, say)
-    engine, ds_config = start_engine(cfg, plan, resume)
-    import torch.distributed as dist
+class Trainer:
+    """One training run: the engine, its state, and what happens around each step."""
 
-    device = engine.device
-    rank0 = plan.env.is_main
-    state = restore(engine, cfg, plan, resume) if resume else TrainState()
-    if resume:
-        say(f"resuming from {resume.tag}: step {state.step}, {state.consumed_samples} samples consumed")
-    if rank0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
-    sinks = MetricSinks(run_dir, rank0, cfg.tensorboard)
-    sinks.truncate_after(state.step)
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    peak, peak_source = device_peak_flops(device, dtype)
-    say(f"{cfg.model}: {plan.n_params / 1e6:.1f}M parameters, {plan.env.world_size} ranks x micro batch "
-        f"{cfg.micro_batch} x {plan.grad_accum} accumulation = global batch {cfg.global_batch}; "
-        f"{plan.total_steps} steps; peak {peak / 1e9:.1f} GFLOP/s per device ({peak_source})")
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.plan = prepare(cfg)
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        resume = checkpoint.find_resume(self.ckpt_dir, say)
+        self.engine, ds_config = start_engine(cfg, self.plan, resume)
+        self.device = self.engine.device
+        self.rank0 = self.plan.env.is_main
+        self.state = restore(self.engine, cfg, self.plan, resume) if resume else TrainState()
+        if resume:
+            say(f"resuming from {resume.tag}: step {self.state.step}, {self.state.consumed_samples} samples consumed")
+        if self.rank0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            (self.run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+        self.sinks = MetricSinks(self.run_dir, self.rank0, cfg.tensorboard)
+        self.sinks.truncate_after(self.state.step)
+        dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+        self.peak, peak_source = device_peak_flops(self.device, dtype)
+        say(f"{cfg.model}: {self.plan.n_params / 1e6:.1f}M parameters, {self.plan.env.world_size} ranks x micro "
+            f"batch {cfg.micro_batch} x {self.plan.grad_accum} accumulation = global batch {cfg.global_batch}; "
+            f"{self.plan.total_steps} steps; peak {self.peak / 1e9:.1f} GFLOP/s per device ({peak_source})")
+        self.batches = self.plan.train.rank_batches(self.state.consumed_samples, cfg.global_batch, cfg.micro_batch,
+                                                    self.plan.env.rank, self.plan.env.world_size)
+        self.progress = _progress(self.rank0, self.plan.total_steps, self.state.step)
+        self.window_start, self.window_steps = time.perf_counter(), 0
 
-    stop = GracefulStop()
-    batches = plan.train.rank_batches(state.consumed_samples, cfg.global_batch, cfg.micro_batch,
-                                      plan.env.rank, plan.env.world_size)
-    tokens_per_step = cfg.global_batch * cfg.seq_len
-    progress = _progress(rank0, plan.total_steps, state.step)
-    window_start, window_steps = time.perf_counter(), 0
-    exit_code = 0
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step over the rank's micro-batches; the loss averaged over all ranks."""
+        import torch.distributed as dist
 
-    def save(eval_loss: float | None = None) -> None:
-        client = {"kolm_state": asdict(state), "data_fingerprint": plan.train.fingerprint, "run_config": cfg.to_dict()}
-        extra = {"world_size": plan.env.world_size, "zero_stage": cfg.zero_stage, "eval_loss": eval_loss,
-                 "consumed_samples": state.consumed_samples}
-        checkpoint.save(engine, ckpt_dir, state.step, client, plan.env.rank, dist.barrier, extra)
-        if rank0:
-            checkpoint.prune(ckpt_dir, cfg.keep_checkpoints, say)
-
-    while state.step < plan.total_steps:
-        loss = torch.zeros((), device=device)
-        for _ in range(plan.grad_accum):
-            x = torch.from_numpy(next(batches)).to(device)
-            logits = engine(input_ids=x[:, :-1]).logits
-            loss_sum, _, n = token_stats(logits, x[:, 1:])
-            micro_loss = loss_sum / n
-            engine.backward(micro_loss)
-            engine.step()
-            loss += micro_loss.detach() / plan.grad_accum
+        loss = torch.zeros((), device=self.device)
+        for _ in range(self.plan.grad_accum):
+            x = torch.from_numpy(next(self.batches)).to(self.device)
+            loss_sum, _, n = token_stats(self.engine(input_ids=x[:, :-1]).logits, x[:, 1:])
+            self.engine.backward(loss_sum / n)
+            self.engine.step()
+            loss += loss_sum.detach() / n / self.plan.grad_accum
         dist.all_reduce(loss)
-        loss /= plan.env.world_size
-        state.step += 1
-        state.consumed_samples += cfg.global_batch
-        window_steps += 1
-        if not torch.isfinite(loss) or not engine.was_step_applied():
-            state.nonfinite_in_a_row += 1
-            state.nonfinite_total += 1
-            say(f"step {state.step}: non-finite loss or gradient; update skipped ({state.nonfinite_in_a_row} in a row)")
-            if state.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-                say(f"stopping: {state.nonfinite_in_a_row} non-finite steps in a row (max_nonfinite_steps); "
-                    "lower lr, check the data, or resume from an earlier checkpoint")
-                exit_code = EXIT_NONFINITE
-                break
-        else:
-            state.nonfinite_in_a_row = 0
+        self.state.step += 1
+        self.state.consumed_samples += self.cfg.global_batch
+        self.window_steps += 1
+        return loss / self.plan.env.world_size
+
+    def log_step(self, loss: torch.Tensor) -> None:
+        cfg, state = self.cfg, self.state
         record = {"kind": "train", "step": state.step, "consumed_samples": state.consumed_samples,
-                  "tokens": state.consumed_samples * cfg.seq_len, "loss": float(loss), "lr": engine.get_lr()[0],
-                  "grad_norm": _grad_norm(engine), "skipped_steps": state.nonfinite_total}
-        if state.step % cfg.log_every == 0 or state.step == plan.total_steps:
-            elapsed = time.perf_counter() - window_start
-            tps = window_steps * tokens_per_step / elapsed
-            per_device = tps / plan.env.world_size
+                  "tokens": state.consumed_samples * cfg.seq_len, "loss": float(loss),
+                  "lr": self.engine.get_lr()[0], "grad_norm": _grad_norm(self.engine),
+                  "skipped_steps": state.nonfinite_total}
+        if state.step % cfg.log_every == 0 or state.step == self.plan.total_steps:
+            tps = self.window_steps * cfg.global_batch * cfg.seq_len / (time.perf_counter() - self.window_start)
+            per_device = tps / self.plan.env.world_size
             record.update(tokens_per_s=tps, tokens_per_s_per_device=per_device,
-                          mfu=per_device * plan.flops_per_token / peak)
-            window_start, window_steps = time.perf_counter(), 0
-        sinks.write(record)
-        progress(record)
-        eval_loss = None
-        if plan.valid is not None and (state.step % cfg.eval_every == 0 or state.step == plan.total_steps):
-            metrics = evaluate(engine, plan, cfg, device)
-            eval_loss = metrics["eval_loss"]
-            if state.best_eval_loss is None or eval_loss < state.best_eval_loss:
-                state.best_eval_loss = eval_loss
-            sinks.write({"kind": "eval", "step": state.step, "tokens": state.consumed_samples * cfg.seq_len, **metrics})
-            say(f"step {state.step}: eval loss {eval_loss:.4f}, perplexity {metrics['eval_perplexity']:.2f}, "
-                f"accuracy {metrics['eval_accuracy']:.4f}")
-            window_start = time.perf_counter()
-        stopping = stop.requested(device)
-        if state.step % cfg.save_every == 0 or state.step == plan.total_steps or stopping:
-            save(eval_loss)
-            window_start = time.perf_counter()
-        if stopping:
-            say(f"stopped by signal after checkpoint {checkpoint.tag_for(state.step)}; exit {EXIT_REQUEUE} (requeue)")
-            exit_code = EXIT_REQUEUE
-            break
-    sinks.close()
-    stop.restore()
-    if exit_code == 0:
-        say(f"finished: {state.step} steps, {state.consumed_samples} samples; run directory {run_dir}")
-    dist.barrier()
-    dist.destroy_process_group()
-    return exit_code
+                          mfu=per_device * self.plan.flops_per_token / self.peak)
+            self.restart_clock()
+        self.sinks.write(record)
+        self.progress(record)
+
+    def restart_clock(self) -> None:
+        """Throughput windows exclude evaluation and checkpoint time."""
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def maybe_evaluate(self) -> float | None:
+        step = self.state.step
+        if self.plan.valid is None or (step % self.cfg.eval_every and step != self.plan.total_steps):
+            return None
+        metrics = evaluate(self.engine, self.plan, self.cfg, self.device)
+        loss = metrics["eval_loss"]
+        if self.state.best_eval_loss is None or loss < self.state.best_eval_loss:
+            self.state.best_eval_loss = loss
+        self.sinks.write({"kind": "eval", "step": step, "tokens": self.state.consumed_samples * self.cfg.seq_len,
+                          **metrics})
+        say(f"step {step}: eval loss {loss:.4f}, perplexity {metrics['eval_perplexity']:.2f}, "
+            f"accuracy {metrics['eval_accuracy']:.4f}")
+        self.restart_clock()
+        return loss
+
+    def save_due(self) -> bool:
+        return self.state.step % self.cfg.save_every == 0 or self.state.step == self.plan.total_steps
+
+    def save(self, eval_loss: float | None) -> None:
+        import torch.distributed as dist
+
+        client = {"kolm_state": asdict(self.state), "data_fingerprint": self.plan.train.fingerprint,
+                  "run_config": self.cfg.to_dict()}
+        extra = {"world_size": self.plan.env.world_size, "zero_stage": self.cfg.zero_stage,
+                 "eval_loss": eval_loss, "consumed_samples": self.state.consumed_samples}
+        checkpoint.save(self.engine, self.ckpt_dir, self.state.step, client, self.plan.env.rank, dist.barrier, extra)
+        if self.rank0:
+            checkpoint.prune(self.ckpt_dir, self.cfg.keep_checkpoints, say)
+        self.restart_clock()
+
+    def finish(self, code: int) -> int:
+        import torch.distributed as dist
+
+        self.sinks.close()
+        if code == 0:
+            say(f"finished: {self.state.step} steps, {self.state.consumed_samples} samples; "
+                f"run directory {self.run_dir}")
+        elif code == EXIT_REQUEUE:
+            say(f"stopped by signal after checkpoint {checkpoint.tag_for(self.state.step)}; "
+                f"exit {EXIT_REQUEUE} (requeue)")
+        dist.barrier()
+        dist.destroy_process_group()
+        return code
+
+
+def train(cfg: RunConfig) -> int:
+    """The training loop. Returns the process exit status."""
+    t = Trainer(cfg)
+    stop = GracefulStop()
+    try:
+        while t.state.step < t.plan.total_steps:
+            loss = t.train_step()
+            give_up = _count_nonfinite(t.state, loss, t.engine, cfg)
+            t.log_step(loss)
+            if give_up:
+                return t.finish(EXIT_NONFINITE)
+            eval_loss = t.maybe_evaluate()
+            stopping = stop.requested(t.device)
+            if t.save_due() or stopping:
+                t.save(eval_loss)
+            if stopping:
+                return t.finish(EXIT_REQUEUE)
+        return t.finish(0)
+    finally:
+        stop.restore()
+
+
+def _count_nonfinite(state: TrainState, loss: torch.Tensor, engine, cfg: RunConfig) -> bool:
+    """Count a step whose loss or gradient was not finite (DeepSpeed skipped its update);
+    True when there were too many in a row."""
+    if torch.isfinite(loss) and engine.was_step_applied():
+        state.nonfinite_in_a_row = 0
+        return False
+    state.nonfinite_in_a_row += 1
+    state.nonfinite_total += 1
+    say(f"step {state.step}: non-finite loss or gradient; update skipped ({state.nonfinite_in_a_row} in a row)")
+    if state.nonfinite_in_a_row < cfg.max_nonfinite_steps:
+        return False
+    say(f"stopping: {state.nonfinite_in_a_row} non-finite steps in a row (max_nonfinite_steps); "
+        "lower lr, check the data, or resume from an earlier checkpoint")
+    return True
 
 
 def _grad_norm(engine) -> float | None:

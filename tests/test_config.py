@@ -11,7 +11,15 @@ import torch
 from kolm import distenv, dsconfig
 from kolm.config import RunConfig, load_config
 from kolm.errors import KolmError
-from kolm.presets import PRESETS, build_config, flops_per_token, get_shape, padded_vocab, parameter_count, phi_config_dict
+from kolm.presets import (
+    PRESETS,
+    build_config,
+    flops_per_token,
+    get_shape,
+    padded_vocab,
+    parameter_count,
+    phi_config_dict,
+)
 
 BASE = ["data=/d", "tokenizer=/t", "run_dir=/r"]
 

@@ -53,7 +53,8 @@ def test_existing_output_is_not_overwritten_without_force(tmp_path, korean_corpu
 def test_bad_arguments_are_clear_errors(tmp_path, korean_corpus):
     small = run_kolm("tokenizer", "train", "--input", korean_corpus, "--vocab-size", 100, "--out", tmp_path / "a")
     assert small.returncode == 2 and "at least 512" in small.stderr
-    missing = run_kolm("tokenizer", "train", "--input", tmp_path / "nope.txt", "--vocab-size", 1000, "--out", tmp_path / "b")
+    nope = tmp_path / "nope.txt"
+    missing = run_kolm("tokenizer", "train", "--input", nope, "--vocab-size", 1000, "--out", tmp_path / "b")
     assert missing.returncode == 2 and "no such file" in missing.stderr
     blank = tmp_path / "blank.txt"
     blank.write_text("\n  \n\n")

@@ -42,13 +42,19 @@ def _losses(run_dir):
     return [(r["step"], r["consumed_samples"], r["loss"]) for r in train_records(run_dir)]
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_stage_trains_under_torchrun_and_loss_falls(tmp_path, shards, tokenizer_dir, stage):
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m"],
+    "deepspeed": [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29731",
+                  "--module"],
+}
+
+
+@pytest.mark.parametrize(("stage", "launcher"), [(1, "torchrun"), (2, "deepspeed"), (3, "torchrun")])
+def test_zero_stage_trains_under_a_launcher_and_loss_falls(tmp_path, shards, tokenizer_dir, stage, launcher):
     run_dir = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", shards, tokenizer_dir, run_dir, zero_stage=stage,
                           tensorboard=True, log_every=4)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "kolm", "train", "--config", str(recipe)]
+    cmd = [*LAUNCHERS[launcher], "kolm", "train", "--config", str(recipe)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"},
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -155,8 +161,9 @@ def test_check_catches_layout_and_data_errors_before_any_process_group(tmp_path,
     missing = _check(recipe, f"data={tmp_path / 'nope'}")
     assert missing.returncode == 2 and "no such shard directory" in missing.stderr
     other_tok = tmp_path / "tok2"
-    from kolm.tokenizer import train_tokenizer
     from conftest import korean_corpus_files
+
+    from kolm.tokenizer import train_tokenizer
 
     train_tokenizer(korean_corpus_files(), other_tok, vocab_size=600, progress=False)
     mismatch = _check(recipe, f"tokenizer={other_tok}")
