@@ -22,12 +22,12 @@ demo: $(STAMP)
 	$(BIN)/kolm demo
 
 test: $(STAMP)
-	$(BIN)/ruff check kolm launch tests bench tools
+	$(BIN)/ruff check .
 	$(BIN)/pytest -q -ra
 
 lint: $(STAMP)
-	$(BIN)/ruff check --fix kolm launch tests bench tools
-	$(BIN)/ruff format --check kolm launch tests bench tools || true
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format --check . || true
 
 clean:
 	rm -rf $(VENV) kolm-demo
