@@ -12,9 +12,12 @@ text, then measures, on the same model shape, sequence length and global batch:
               (tokens) and a Trainer callback (step ends).
 * ``kolm 2x1`` ``torchrun --nproc-per-node 2 -m kolm train`` with 1 thread per rank, ZeRO-2, fp32;
 * ``kolm 1x2`` the same on one process with 2 threads.
-  kolm's rate is the steady state from ``metrics.jsonl`` (``log_every=1``; the first ``--warmup`` steps are
-  dropped; rate = tokens / summed step time), and its MFU is the one kolm logs (per-device tokens/s x
+  kolm's rate is the steady state from ``metrics.jsonl`` (``log_every=1``, so every step is timed on its own;
+  the first ``--warmup`` steps are dropped), and its MFU is the one kolm logs (per-device tokens/s x
   FLOPs per token / the matmul peak each rank measures in the training dtype).
+
+Rates are reported for the median timed step and for the whole timed window: on a shared 2-core machine other
+jobs steal whole steps, and a 2-thread process slows down far more than its share when they do.
 
 The machine has no native bf16 on CPU (a bf16 matmul runs far below fp32), so everything runs in fp32; the
 script measures both to show it. ``--profile`` adds a py-spy profile of rank 0 of a 2-process run (not timed)
@@ -39,6 +42,7 @@ import resource
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -67,27 +71,53 @@ class Measurement:
     method: str
     processes: int
     threads: int
-    steps: int  # optimizer steps in the timed window
-    seconds: float  # summed time of those steps
-    useful_tokens: int  # non-padding tokens processed (every token for kolm)
-    total_tokens: int  # tokens processed including padding
-    mfu: float | None  # kolm's logged MFU (per-device peak measured by each rank); None for the seed
-    peak_gflops: float | None  # the per-device peak kolm measured (GFLOP/s), from its log
+    step_seconds: list[float]  # each timed optimizer step
+    step_useful: list[int]  # non-padding tokens processed in each (every token for kolm)
+    step_total: list[int]  # tokens processed in each, padding included
+    mfu_scale: float | None  # kolm's logged MFU / its tokens/s (FLOPs per token / (peak x ranks)); seed: None
+    peak_gflops: float | None  # the per-device peak kolm measured at start-up (GFLOP/s), from its log
     flops_per_token: float  # training FLOPs per token at the run's (mean) sequence length
     loss_first: float
     loss_last: float
     background: float  # cores kept busy by other processes during the run
     wall: float  # the whole run, start-up included
-    step_seconds: list[float] = field(default_factory=list)
-    grad_norms: list[float | None] = field(default_factory=list)  # kolm's logged norm per step, every step
+    grad_norms: list[float | None] = field(default_factory=list)  # kolm's logged norm, every step
+
+    @property
+    def steps(self) -> int:
+        return len(self.step_seconds)
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.step_seconds)
 
     @property
     def useful_rate(self) -> float:
-        return self.useful_tokens / self.seconds
+        """Over the whole timed window."""
+        return sum(self.step_useful) / self.seconds
 
     @property
     def total_rate(self) -> float:
-        return self.total_tokens / self.seconds
+        return sum(self.step_total) / self.seconds
+
+    @property
+    def median_useful_rate(self) -> float:
+        """The median step's rate: robust to other processes stealing the CPUs for part of the run."""
+        return statistics.median(u / t for u, t in zip(self.step_useful, self.step_seconds))
+
+    @property
+    def median_total_rate(self) -> float:
+        return statistics.median(n / t for n, t in zip(self.step_total, self.step_seconds))
+
+    @property
+    def padding(self) -> float:
+        return 1 - sum(self.step_useful) / sum(self.step_total)
+
+    def mfu(self, median: bool = True) -> float | None:
+        """kolm's MFU at the median step's (or the window's) rate."""
+        if self.mfu_scale is None:
+            return None
+        return self.mfu_scale * (self.median_total_rate if median else self.total_rate)
 
 
 # --------------------------------------------------------------------------- corpus, tokenizer, shards
@@ -319,17 +349,15 @@ def measure_seed(corpus: Path, tok: Path, args: argparse.Namespace) -> Measureme
            "--warmup", str(args.warmup), "--steps", str(args.seed_steps or args.steps)]
     timed = run_timed(cmd, base_env(args.threads), log, args.timeout)
     report = json.loads(timed.stdout.strip().splitlines()[-1])
-    marks = report["marks"]
-    start, end = marks[args.warmup], marks[-1]  # marks[0] is train begin, marks[k] the end of step k
-    steps = len(marks) - 1 - args.warmup
-    useful, total = end[1] - start[1], end[2] - start[2]
-    losses = [m[3] for m in marks[args.warmup + 1:] if m[3] is not None]
-    mean_len = total / (steps * SEED_MICRO_BATCH * SEED_ACCUM)
+    marks = report["marks"][args.warmup:]  # marks[0] is train begin, marks[k] the end of step k
+    pairs = list(zip(marks, marks[1:]))
+    total = [b[2] - a[2] for a, b in pairs]
+    losses = [m[3] for m in marks[1:] if m[3] is not None]
+    mean_len = sum(total) / (len(total) * SEED_MICRO_BATCH * SEED_ACCUM)
     return Measurement(
-        SEED, 1, report["threads"], steps, end[0] - start[0], useful, total, None, None,
-        flops_for(tok, args.model, max(1, round(mean_len))), losses[0] if losses else float("nan"),
+        SEED, 1, report["threads"], [b[0] - a[0] for a, b in pairs], [b[1] - a[1] for a, b in pairs], total,
+        None, None, flops_for(tok, args.model, max(1, round(mean_len))), losses[0] if losses else float("nan"),
         losses[-1] if losses else float("nan"), timed.background, timed.wall,
-        [b[0] - a[0] for a, b in zip(marks[args.warmup:], marks[args.warmup + 1:])],
     )
 
 
@@ -373,15 +401,15 @@ def train_records(run_dir: Path) -> list[dict]:
     return [r for r in map(json.loads, lines) if r.get("kind") == "train"]
 
 
-def steady_state(records: list[dict], warmup: int) -> tuple[int, float, int, float]:
-    """(steps, seconds, tokens, MFU) over the logged steps after the first ``warmup``."""
+def steady_state(records: list[dict], warmup: int) -> tuple[list[float], int, float]:
+    """(seconds of each logged step after the first ``warmup``, tokens per step, MFU per token/s).
+
+    With ``log_every=1`` every step is a logging window of its own; kolm's MFU is proportional to its
+    tokens/s, so the ratio recovers it for any rate."""
     logged = [r for r in records if "tokens_per_s" in r]
     kept = [r for r in logged if r["step"] > warmup] or logged[-1:]
     per_step = records[-1]["tokens"] // records[-1]["step"]
-    seconds = sum(per_step / r["tokens_per_s"] for r in kept)
-    # kolm's MFU is proportional to its tokens/s; recover it for the steady-state rate
-    scale = kept[0]["mfu"] / kept[0]["tokens_per_s"]
-    return len(kept), seconds, per_step * len(kept), scale * per_step * len(kept) / seconds
+    return [per_step / r["tokens_per_s"] for r in kept], per_step, kept[0]["mfu"] / kept[0]["tokens_per_s"]
 
 
 def measure_kolm(method: str, shards: Path, tok: Path, args: argparse.Namespace) -> Measurement:
@@ -389,14 +417,14 @@ def measure_kolm(method: str, shards: Path, tok: Path, args: argparse.Namespace)
     cmd, work = kolm_launch(method, args, shards, tok, args.warmup + args.steps)
     timed = run_timed(cmd, base_env(threads), work / "train.log", args.timeout)
     records = train_records(work / "run")
-    steps, seconds, tokens, mfu = steady_state(records, args.warmup)
+    seconds, per_step, scale = steady_state(records, args.warmup)
     peak = re.search(r"peak ([\d.]+) GFLOP/s per device", timed.stderr)
     kept = records[args.warmup:]
     shutil.rmtree(work / "run" / "checkpoints", ignore_errors=True)
+    tokens = [per_step] * len(seconds)
     return Measurement(
-        method, nproc, threads, steps, seconds, tokens, tokens, mfu, float(peak.group(1)) if peak else None,
+        method, nproc, threads, seconds, tokens, tokens, scale, float(peak.group(1)) if peak else None,
         flops_for(tok, args.model, args.seq_len), kept[0]["loss"], kept[-1]["loss"], timed.background, timed.wall,
-        [r["tokens"] // r["step"] / r["tokens_per_s"] for r in kept if "tokens_per_s" in r],
         [r.get("grad_norm") for r in records],
     )
 
@@ -547,9 +575,10 @@ def run_all(corpus: Path, shards: Path, tok: Path, args: argparse.Namespace) -> 
             peaks = merge_peaks(peaks, measure_peaks(args))
             print("  peaks (GFLOP/s): " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in peaks.items()), file=sys.stderr)
         m = measure(method, corpus, shards, tok, args)
-        mfu = f"  MFU {m.mfu:.1%}" if m.mfu is not None else ""
+        mfu = f"  MFU {m.mfu():.1%}" if m.mfu_scale is not None else ""
         print(f"  round {r + 1}/{args.repeats} {method:9s} {m.steps} steps {m.seconds:7.1f} s  "
-              f"useful {m.useful_rate:8,.0f} tok/s  total {m.total_rate:8,.0f} tok/s{mfu}  "
+              f"useful {m.median_useful_rate:8,.0f} tok/s (median step; window {m.useful_rate:,.0f})  "
+              f"total {m.median_total_rate:8,.0f} tok/s{mfu}  "
               f"others busy {m.background:.2f} cores  (wall {m.wall:.0f} s)", file=sys.stderr)
         results.append(m)
     return results, peaks
@@ -565,37 +594,41 @@ LABELS = {
 
 
 def best_of(results: list[Measurement]) -> dict[str, Measurement]:
-    """Per method, the run with the highest useful rate (background load only slows a run down)."""
+    """Per method, the run with the highest median-step useful rate (background load only slows a run down)."""
     out: dict[str, Measurement] = {}
     for m in results:
-        if m.method not in out or m.useful_rate > out[m.method].useful_rate:
+        if m.method not in out or m.median_useful_rate > out[m.method].median_useful_rate:
             out[m.method] = m
     return {k: out[k] for k in METHODS if k in out}
 
 
 def model_mfu(m: Measurement, peaks: dict) -> float:
-    """Model FLOPs (on every token processed, padding included) / the fp32 matmul peak of the cores used."""
+    """Model FLOPs (on every token processed, padding included) at the median step's rate / the fp32 matmul
+    peak of the cores used (this script's measurement)."""
     peak = peaks[f"float32-{m.threads}"] * m.processes
-    return m.total_rate * m.flops_per_token / peak
+    return m.median_total_rate * m.flops_per_token / peak
 
 
 def format_table(best: dict[str, Measurement], peaks: dict, all_runs: list[Measurement]) -> str:
     seed = best.get(SEED)
     rows = [
-        "| method | procs x threads | steps timed | s / step | useful tok/s | total tok/s (incl. padding) "
-        "| padding | MFU (kolm log) | model FLOPs / fp32 peak | vs seed (useful) | loss first -> last "
-        "| runs: useful tok/s | others busy (cores, max) |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| method | procs x threads | steps timed | median s / step | useful tok/s (median step) "
+        "| useful tok/s (window) | total tok/s incl. padding (median step) | padding | MFU (kolm log) "
+        "| model FLOPs / fp32 peak | vs seed, useful (median step) | vs seed, useful (window) | loss first -> last "
+        "| all runs: useful tok/s (median step) | others busy (cores, per run) |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for m in best.values():
         runs = [x for x in all_runs if x.method == m.method]
-        vs = f"{m.useful_rate / seed.useful_rate:.2f}x" if seed else "n/a"
-        mfu = f"{m.mfu:.1%}" if m.mfu is not None else "-"
+        vs = f"{m.median_useful_rate / seed.median_useful_rate:.2f}x" if seed else "n/a"
+        vs_window = f"{m.useful_rate / seed.useful_rate:.2f}x" if seed else "n/a"
+        mfu = f"{m.mfu():.1%}" if m.mfu_scale is not None else "-"
         rows.append(
-            f"| {LABELS[m.method]} | {m.processes} x {m.threads} | {m.steps} | {m.seconds / m.steps:.2f} "
-            f"| {m.useful_rate:,.0f} | {m.total_rate:,.0f} | {1 - m.useful_tokens / m.total_tokens:.0%} | {mfu} "
-            f"| {model_mfu(m, peaks):.1%} | {vs} | {m.loss_first:.3f} -> {m.loss_last:.3f} "
-            f"| {', '.join(f'{x.useful_rate:,.0f}' for x in runs)} | {max(x.background for x in runs):.2f} |"
+            f"| {LABELS[m.method]} | {m.processes} x {m.threads} | {m.steps} | {statistics.median(m.step_seconds):.2f} "
+            f"| {m.median_useful_rate:,.0f} | {m.useful_rate:,.0f} | {m.median_total_rate:,.0f} | {m.padding:.0%} "
+            f"| {mfu} | {model_mfu(m, peaks):.1%} | {vs} | {vs_window} | {m.loss_first:.3f} -> {m.loss_last:.3f} "
+            f"| {', '.join(f'{x.median_useful_rate:,.0f}' for x in runs)} "
+            f"| {', '.join(f'{x.background:.2f}' for x in runs)} |"
         )
     return "\n".join(rows)
 
@@ -645,11 +678,21 @@ def format_report(best: dict[str, Measurement], results: list[Measurement], peak
         "Useful tokens = non-padding tokens processed (every kolm token is useful: packed windows). "
         "'MFU (kolm log)' is kolm's own figure (per-device tokens/s x FLOPs/token / the matmul peak each rank "
         "measures at start-up); 'model FLOPs / fp32 peak' uses this script's peak for the cores used "
-        "(for the seed, FLOPs/token at its mean padded length, padding counted as work).",
+        "(for the seed, FLOPs/token at its mean padded length, padding counted as work). Rates are given for "
+        "the median timed step (robust to other jobs taking the CPUs for part of a run) and for the whole "
+        "timed window; the best run of each method (by median-step rate) is shown.",
     ]
     for method in (KOLM_2X1, KOLM_1X2):
         if seed and method in best:
-            lines.append(f"- {method} / seed, useful tokens/s: {best[method].useful_rate / seed.useful_rate:.2f}x")
+            k = best[method]
+            lines.append(f"- {method} / seed, useful tokens/s: {k.median_useful_rate / seed.median_useful_rate:.2f}x "
+                         f"(median steps), {k.useful_rate / seed.useful_rate:.2f}x (whole windows); kolm MFU "
+                         f"{k.mfu():.1%} (kolm's peak at start-up: {k.peak_gflops} GFLOP/s per rank), "
+                         f"{model_mfu(k, peaks):.1%} of this script's best fp32 peak")
+    for m in best.values():
+        if m.grad_norms:
+            norms = ", ".join("-" if g is None else f"{g:.3g}" for g in m.grad_norms)
+            lines.append(f"- {m.method} grad_norm per step as kolm logs it: {norms}")
     if profile:
         lines += ["", profile]
     if args.notes:

@@ -28,6 +28,15 @@ def tag_for(step: int) -> str:
     return f"global_step{step}"
 
 
+def step_of(tag: str) -> int | None:
+    m = _TAG.match(tag)
+    return int(m.group(1)) if m else None
+
+
+def read_marker(path: Path) -> dict:
+    return read_json(path / MARKER)
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     path: Path

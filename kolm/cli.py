@@ -71,6 +71,36 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe keys")
     train.add_argument("--check", action="store_true", help="validate the config and data, then exit")
 
+    conv = sub.add_parser("convert", help="a checkpoint to a Hugging Face model directory (verified)")
+    conv.add_argument("src", help="run directory, checkpoints directory or one global_stepN directory")
+    conv.add_argument("--out", required=True, help="output model directory")
+    conv.add_argument("--tag", default=None, help="checkpoint tag (default: newest complete)")
+    conv.add_argument("--best", action="store_true", help="the checkpoint with the best eval loss")
+    conv.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    conv.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the one the run used)")
+    conv.add_argument("--max-shard-size", default="2GB", help="split model.safetensors above this size")
+    conv.add_argument("--force", action="store_true", help="replace an existing output directory")
+
+    gen = sub.add_parser("generate", help="continue Korean prompts with a converted model")
+    gen.add_argument("model", help="Hugging Face model directory (from kolm convert)")
+    gen.add_argument("prompts", nargs="*", help="prompts")
+    gen.add_argument("--prompts-file", default=None, help="one prompt per line")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--repetition-penalty", type=float, default=2.0)
+    gen.add_argument("--greedy", action="store_true", help="no sampling")
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--top-p", type=float, default=0.95)
+    gen.add_argument("--seed", type=int, default=0)
+
+    ev = sub.add_parser("eval", help="loss, perplexity and next-token accuracy on a shard split")
+    ev.add_argument("model", help="Hugging Face model directory, run directory or checkpoint directory")
+    ev.add_argument("--data", required=True, help="shard directory")
+    ev.add_argument("--split", default="valid", choices=("train", "valid"))
+    ev.add_argument("--seq-len", type=int, default=None, help="default: the training seq_len, else 512")
+    ev.add_argument("--micro-batch", type=int, default=8)
+    ev.add_argument("--max-samples", type=int, default=None)
+    ev.add_argument("--tag", default=None, help="checkpoint tag when MODEL is a run directory")
+
     demo = sub.add_parser("demo", help="run the whole line on the bundled Korean corpus")
     demo.add_argument("--corpus", nargs="+", default=None, help="your own corpus instead of the bundled one")
     demo.add_argument("--out", default="kolm-demo", help="where everything is written (default: ./kolm-demo)")
@@ -98,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             return _shard(args)
         if args.command == "train":
             return _train(args)
+        if args.command in ("convert", "generate", "eval"):
+            return _inference(args)
         if args.command == "demo":
             from kolm.demo import run_demo
 
@@ -124,6 +156,33 @@ def _train(args: argparse.Namespace) -> int:
               f"{plan.env.world_size} ranks, {plan.n_params / 1e6:.1f}M parameters")
         return 0
     return train(cfg)
+
+
+def _inference(args: argparse.Namespace) -> int:
+    if args.command == "convert":
+        from kolm.convert import convert
+
+        r = convert(args.src, args.out, tag=args.tag, best=args.best, dtype=args.dtype, tokenizer=args.tokenizer,
+                    force=args.force, max_shard_size=args.max_shard_size)
+        print(f"model written to {r['out']} from {r['checkpoint']} ({r['dtype']}); verified: max logit "
+              f"difference {r['max_logit_error']:.2e} against the consolidated fp32 weights")
+        return 0
+    if args.command == "generate":
+        from kolm.generate import generate, load_prompts
+
+        texts = generate(args.model, load_prompts(args.prompts, args.prompts_file), args.max_new_tokens,
+                         args.repetition_penalty, not args.greedy, args.temperature, args.top_p, args.seed)
+        for text in texts:
+            print(text)
+            print("---")
+        return 0
+    from kolm.evaluate import evaluate_model
+
+    r = evaluate_model(args.model, args.data, args.split, args.seq_len, args.micro_batch, args.max_samples, args.tag)
+    print(f"{r['split']}: loss {r['eval_loss']:.4f}, perplexity {r['eval_perplexity']:.3f}, "
+          f"next-token accuracy {r['eval_accuracy']:.4f} over {r['eval_tokens']} tokens "
+          f"({r['windows']} windows of {r['seq_len']})")
+    return 0
 
 
 def _tokenizer_train(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ from kolm.errors import KolmError
 from kolm.manifest import check_tokenizer, load_shard_dir
 from kolm.metrics import EvalTotals, MetricSinks, device_peak_flops, token_stats
 from kolm.packed import PackedDataset, check_batch_layout
-from kolm.presets import build_config, flops_per_token, get_shape, padded_vocab, parameter_count
+from kolm.presets import build_config, flops_per_token, get_shape, padded_vocab, parameter_count, phi_config_dict
 from kolm.signals import EXIT_REQUEUE, GracefulStop
 from kolm.tokenizer import load_tokenizer_info
 
@@ -51,6 +51,7 @@ class Plan:
     train: PackedDataset
     valid: PackedDataset | None
     model_config: object
+    model_config_dict: dict
     ds_config: dict
     flops_per_token: float
     n_params: int
@@ -77,9 +78,10 @@ def prepare(cfg: RunConfig) -> Plan:
     train = PackedDataset(cfg.data, "train", cfg.seq_len, cfg.seed)
     valid = _valid_or_none(cfg)
     total = cfg.train_steps or math.ceil(cfg.epochs * train.num_samples / cfg.global_batch)
+    config_dict = phi_config_dict(shape, vocab, tok.eos_id, tok.eos_id, shape.max_position_embeddings)
     model_config = build_config(shape, vocab, tok.eos_id, tok.eos_id, shape.max_position_embeddings)
     ds_config = dsconfig.build(cfg, env.world_size, grad_accum, total, on_cpu=not torch.cuda.is_available())
-    return Plan(env, grad_accum, total, train, valid, model_config, ds_config,
+    return Plan(env, grad_accum, total, train, valid, model_config, config_dict, ds_config,
                 flops_per_token(shape, vocab, cfg.seq_len), parameter_count(shape, vocab))
 
 
@@ -259,8 +261,12 @@ class Trainer:
 
         client = {"kolm_state": asdict(self.state), "data_fingerprint": self.plan.train.fingerprint,
                   "run_config": self.cfg.to_dict()}
+        # What `kolm convert` needs, readable without unpickling anything.
         extra = {"world_size": self.plan.env.world_size, "zero_stage": self.cfg.zero_stage,
-                 "eval_loss": eval_loss, "consumed_samples": self.state.consumed_samples}
+                 "eval_loss": eval_loss, "consumed_samples": self.state.consumed_samples,
+                 "model_config": self.plan.model_config_dict, "seq_len": self.cfg.seq_len,
+                 "tokenizer": str(Path(self.cfg.tokenizer).resolve()),
+                 "data_fingerprint": self.plan.train.fingerprint}
         checkpoint.save(self.engine, self.ckpt_dir, self.state.step, client, self.plan.env.rank, dist.barrier, extra)
         if self.rank0:
             checkpoint.prune(self.ckpt_dir, self.cfg.keep_checkpoints, say)

@@ -48,7 +48,7 @@ def free_port() -> int:
 class Ranks:
     """N `kolm train` processes in one process group, with torchrun-style environment."""
 
-    def __init__(self, n: int, recipe: Path, *overrides: str, log_dir: Path):
+    def __init__(self, n: int, recipe: Path, *overrides: str, log_dir: Path, argv: list[str] | None = None):
         port = free_port()
         self.procs: list[subprocess.Popen] = []
         self.logs = [log_dir / f"rank{r}.log" for r in range(n)]
@@ -59,8 +59,9 @@ class Ranks:
                    "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
             group = {"process_group": 0} if r == 0 else {"process_group": self.procs[0].pid}
             with open(self.logs[r], "ab") as log:
+                command = argv or ["-m", "kolm", "train", "--config", str(recipe), *overrides]
                 self.procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "kolm", "train", "--config", str(recipe), *overrides],
+                    [sys.executable, *command],
                     env=env, stdout=log, stderr=subprocess.STDOUT, **group))
 
     def wait(self, timeout: float = 600) -> list[int]:
@@ -80,8 +81,10 @@ class Ranks:
         return "\n".join(log.read_text(errors="replace") for log in self.logs)
 
 
-def run_ranks(n: int, recipe: Path, *overrides: str, log_dir: Path, timeout: float = 600) -> tuple[list[int], str]:
-    ranks = Ranks(n, recipe, *overrides, log_dir=log_dir)
+def run_ranks(n: int, recipe: Path, *overrides: str, log_dir: Path, timeout: float = 600,
+              argv: list[str] | None = None) -> tuple[list[int], str]:
+    """Run to the end; ``argv`` replaces the `kolm train` command (same environment)."""
+    ranks = Ranks(n, recipe, *overrides, log_dir=log_dir, argv=argv)
     codes = ranks.wait(timeout)
     return codes, ranks.output()
 

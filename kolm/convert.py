@@ -1,0 +1,212 @@
+"""`kolm convert`: a DeepSpeed ZeRO checkpoint to a Hugging Face model directory, verified.
+
+Consolidation is DeepSpeed's own (`deepspeed.utils.zero_to_fp32`, lazily memory-mapped). The
+output is written into a temporary directory beside the target and renamed at the end, so an
+interrupted conversion leaves nothing behind. Peak memory is about twice the fp32 model: the
+consolidated fp32 weights, plus the exported model loaded back for verification.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from kolm import checkpoint
+from kolm.errors import KolmError
+from kolm.presets import padded_vocab
+from kolm.tokenizer import load_tokenizer_info
+
+PROMPT = "밥을 먹고 나면 늘 하는 생각이 있는데"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# The seed's generation settings: sampling with a strong repetition penalty for Korean text.
+GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.8, "top_p": 0.95, "repetition_penalty": 2.0,
+                       "max_new_tokens": 64}
+
+
+def resolve_checkpoint(src: str | os.PathLike, tag: str | None = None, best: bool = False) -> checkpoint.Checkpoint:
+    """A run directory (newest complete checkpoint, or ``tag``, or the best), a checkpoints
+    directory, or one checkpoint directory."""
+    p = Path(src)
+    if not p.exists():
+        raise KolmError(f"{p}: no such run or checkpoint directory")
+    if (p / checkpoint.MARKER).is_file() or checkpoint.step_of(p.name) is not None:
+        return _complete(p)
+    ckpt_dir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    if tag:
+        return _complete(ckpt_dir / tag)
+    if best:
+        found = checkpoint.best_checkpoint(ckpt_dir)
+        if found is None:
+            raise KolmError(f"{ckpt_dir}: no complete checkpoint with an eval loss; drop --best or pass --tag")
+        return found
+    said: list[str] = []
+    found = checkpoint.find_resume(ckpt_dir, said.append)
+    for line in said:
+        print(f"kolm: {line}")
+    if found is None:
+        raise KolmError(f"{p}: no complete checkpoint found (looked for {ckpt_dir}/global_stepN/{checkpoint.MARKER})")
+    return found
+
+
+def _complete(path: Path) -> checkpoint.Checkpoint:
+    if not path.is_dir():
+        raise KolmError(f"{path}: no such checkpoint")
+    problem = checkpoint.why_incomplete(path)
+    if problem:
+        raise KolmError(f"{path}: checkpoint is incomplete ({problem}); convert an earlier one with --tag")
+    return checkpoint.Checkpoint(path, checkpoint.step_of(path.name) or 0, checkpoint.read_marker(path))
+
+
+def consolidated_state_dict(ckpt: checkpoint.Checkpoint) -> dict[str, torch.Tensor]:
+    """fp32 weights gathered from every rank's ZeRO partition (ZeRO-1, -2 or -3)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, to_torch_tensor
+
+    lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.path.parent), tag=ckpt.tag, lazy_mode=True)
+    return to_torch_tensor(lazy)
+
+
+def model_from_state_dict(config_dict: dict, state: dict[str, torch.Tensor]):
+    """A PhiForCausalLM whose parameters are the given tensors (no copy)."""
+    from transformers import PhiConfig, PhiForCausalLM
+    from transformers.models.phi.modeling_phi import PhiRotaryEmbedding
+
+    config = PhiConfig(**{k: v for k, v in config_dict.items() if k not in ("transformers_version",)})
+    with torch.device("meta"):
+        model = PhiForCausalLM(config)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise KolmError(f"checkpoint weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    # The rotary frequencies are a computed buffer, not a weight: build them for real.
+    model.model.rotary_emb = PhiRotaryEmbedding(config=config)
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        raise KolmError("checkpoint weights do not cover every model tensor")
+    return model.eval()
+
+
+def check_tokenizer_fits(tokenizer_dir: Path, config_dict: dict) -> None:
+    info = load_tokenizer_info(tokenizer_dir)
+    rows = config_dict["vocab_size"]
+    if info.vocab_size > rows or padded_vocab(info.vocab_size) != rows:
+        raise KolmError(
+            f"{tokenizer_dir}: vocabulary of {info.vocab_size} tokens does not match the model's {rows} "
+            "embedding rows; pass the tokenizer the model was trained with (--tokenizer)"
+        )
+
+
+def prompt_ids(tokenizer_dir: Path) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    return torch.tensor([tok(PROMPT)["input_ids"]])
+
+
+def convert(src: str, out: str, tag: str | None = None, best: bool = False, dtype: str = "bf16",
+            tokenizer: str | None = None, force: bool = False, max_shard_size: str = "2GB") -> dict:
+    """Convert and verify; returns a small report."""
+    if dtype not in DTYPES:
+        raise KolmError(f"--dtype must be bf16 or fp32, got {dtype!r}")
+    out_path = Path(out)
+    if out_path.exists() and not force:
+        raise KolmError(f"{out_path} already exists; choose another --out or pass --force to replace it")
+    ckpt = resolve_checkpoint(src, tag, best)
+    config_dict = ckpt.marker.get("model_config")
+    if not config_dict:
+        raise KolmError(f"{ckpt.path}: the completion marker has no model config (not written by kolm train)")
+    tok_dir = Path(tokenizer or ckpt.marker["tokenizer"])
+    check_tokenizer_fits(tok_dir, config_dict)
+    print(f"kolm: converting {ckpt.path} ({dtype})")
+    model = model_from_state_dict(config_dict, consolidated_state_dict(ckpt))
+    ids = prompt_ids(tok_dir)
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits.float()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(out_path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-{os.getpid()}-", dir=out_path.parent))
+    try:
+        _write(model.to(DTYPES[dtype]), tok_dir, tmp, max_shard_size, config_dict)
+        (tmp / EXPORT_INFO).write_text(json.dumps(_export_info(ckpt, dtype), indent=2) + "\n", encoding="utf-8")
+        del model
+        max_err = verify_export(tmp, ids, reference, dtype)
+        if out_path.exists():
+            shutil.rmtree(out_path)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, out_path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"checkpoint": str(ckpt.path), "out": str(out_path), "dtype": dtype, "max_logit_error": max_err}
+
+
+EXPORT_INFO = "kolm_export.json"
+
+
+def _export_info(ckpt: checkpoint.Checkpoint, dtype: str) -> dict:
+    """Where an exported model came from (kolm eval reads its seq_len)."""
+    keys = ("step", "seq_len", "consumed_samples", "eval_loss", "data_fingerprint", "zero_stage", "world_size")
+    return {"checkpoint": str(ckpt.path), "dtype": dtype, **{k: ckpt.marker.get(k) for k in keys}}
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Remove what a killed conversion to the same target left (its process is gone)."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name.rsplit(".tmp-", 1)[1].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _write(model, tok_dir: Path, out: Path, max_shard_size: str, config_dict: dict) -> None:
+    from transformers import GenerationConfig
+
+    model.config.dtype = model.dtype
+    model.save_pretrained(str(out), safe_serialization=True, max_shard_size=max_shard_size)
+    _complete_config_json(out / "config.json", config_dict)
+    for f in out.iterdir():
+        f.chmod(0o644)
+    for name in TOKENIZER_FILES:
+        if (tok_dir / name).is_file():
+            shutil.copy(tok_dir / name, out / name)
+    eos = model.config.eos_token_id
+    GenerationConfig(bos_token_id=model.config.bos_token_id, eos_token_id=eos, pad_token_id=eos,
+                     **GENERATION_DEFAULTS).save_pretrained(str(out))
+
+
+def _complete_config_json(path: Path, config_dict: dict) -> None:
+    """Add back fields the installed transformers folds away (top-level rope_theta and
+    partial_rotary_factor, which older releases read), so every field is explicit."""
+    written = json.loads(path.read_text(encoding="utf-8"))
+    for key, value in config_dict.items():
+        written.setdefault(key, value)
+    path.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def verify_export(out: Path, ids: torch.Tensor, reference: torch.Tensor, dtype: str) -> float:
+    """Load the written directory with transformers and compare its logits to the fp32 weights'."""
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = loaded(input_ids=ids).logits.float()
+    # bf16 export rounds every weight to 8 mantissa bits; fp32 export must match exactly.
+    scale = reference.abs().max().item()
+    tol = {"bf16": (2e-2, 2e-2 * scale), "fp32": (1e-5, 1e-5 * max(scale, 1.0))}[dtype]
+    try:
+        torch.testing.assert_close(logits, reference, rtol=tol[0], atol=tol[1])
+    except AssertionError as e:
+        raise KolmError(f"verification failed: the exported model's logits differ from the checkpoint's:\n{e}") from e
+    return float((logits - reference).abs().max())

@@ -1,0 +1,155 @@
+"""`kolm convert`, `kolm generate`, `kolm eval`: ZeRO checkpoints written by 2 ranks become
+Hugging Face directories that the pipeline loads offline and that compute the same logits."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from conftest import run_kolm
+from dist import run_ranks, write_recipe
+
+from kolm.checkpoint import MARKER
+from kolm.shard import ShardOptions, run_shard
+
+pytestmark = pytest.mark.slow
+PROMPT = "밥을 먹고 나면 늘 하는 생각이 있는데"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, korean_corpus, tokenizer_dir):
+    out = tmp_path_factory.mktemp("convert-data") / "shards"
+    run_shard([str(korean_corpus)], str(tokenizer_dir), out, ShardOptions(valid_fraction=0.05), workers=1,
+              progress=False)
+    return out
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+def run(request, tmp_path_factory, shards, tokenizer_dir):
+    root = tmp_path_factory.mktemp(f"zero{request.param}")
+    recipe = write_recipe(root / "r.yaml", shards, tokenizer_dir, root / "run", zero_stage=request.param,
+                          train_steps=6, save_every=3, eval_every=3)
+    codes, out = run_ranks(2, recipe, log_dir=root / "logs")
+    assert codes == [0, 0], out[-3000:]
+    return root
+
+
+ENGINE_LOGITS = textwrap.dedent("""
+    import sys, torch
+    from kolm.config import load_config
+    from kolm.train import Trainer
+    t = Trainer(load_config(sys.argv[1]))
+    x = torch.from_numpy(t.plan.valid.eval_batches(2, 0, 1).__next__())
+    with torch.no_grad():
+        logits = t.engine(input_ids=x[:, :-1].to(t.device)).logits.float()
+    if t.plan.env.rank == 0:
+        torch.save({"ids": x[:, :-1], "logits": logits}, sys.argv[2])
+    t.finish(0)
+""")
+
+
+def test_converted_model_matches_engine_and_generates_offline(run, tmp_path):
+    out = tmp_path / "hf"
+    proc = run_kolm("convert", run / "run", "--out", out, "--dtype", "fp32", check=True)
+    assert "verified" in proc.stdout
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= {
+        p.name for p in out.iterdir()}
+
+    script = tmp_path / "engine_logits.py"
+    script.write_text(ENGINE_LOGITS)
+    dumped = tmp_path / "engine.pt"
+    # Resuming the finished run in a fresh engine gives the DeepSpeed model's own logits.
+    codes, log = run_ranks(2, run / "r.yaml", log_dir=tmp_path / "logs", argv=[str(script), str(run / "r.yaml"),
+                                                                               str(dumped)])
+    assert codes == [0, 0], log[-3000:]
+    engine = torch.load(dumped)
+
+    from transformers import AutoModelForCausalLM, pipeline
+
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        mine = model(input_ids=engine["ids"]).logits
+    # The engine computes in bf16; the export holds its fp32 master weights.
+    scale = engine["logits"].abs().max().item()
+    torch.testing.assert_close(mine, engine["logits"], rtol=5e-2, atol=5e-2 * scale)
+
+    env_before = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        pipe = pipeline("text-generation", model=str(out), device=-1)
+        text = pipe(PROMPT, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                    repetition_penalty=2.0)[0]["generated_text"]
+    finally:
+        if env_before is None:
+            os.environ.pop("HF_HUB_OFFLINE")
+    assert text.startswith(PROMPT) and len(text) > len(PROMPT)
+    assert text[len(PROMPT):].strip()
+
+    generated = run_kolm("generate", out, PROMPT, "--max-new-tokens", 8, check=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert generated.stdout.startswith(PROMPT)
+
+
+def test_eval_of_export_and_checkpoint_agree(run, tmp_path, shards):
+    out = tmp_path / "hf"
+    run_kolm("convert", run / "run", "--out", out, "--dtype", "fp32", check=True)
+    from_export = run_kolm("eval", out, "--data", shards, check=True).stdout
+    from_ckpt = run_kolm("eval", run / "run", "--data", shards, check=True).stdout
+    assert from_export == from_ckpt and "perplexity" in from_export
+
+
+def test_bf16_export_is_verified_and_smaller(run, tmp_path):
+    fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
+    run_kolm("convert", run / "run", "--out", fp32, "--dtype", "fp32", check=True)
+    run_kolm("convert", run / "run", "--out", bf16, check=True)
+    size = lambda d: (d / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(bf16) < 0.6 * size(fp32)
+
+
+def test_interrupted_conversion_leaves_nothing_behind(run, tmp_path):
+    out = tmp_path / "hf"
+    proc = subprocess.Popen([sys.executable, "-m", "kolm", "convert", str(run / "run"), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob(".hf.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    run_kolm("convert", run / "run", "--out", out, check=True)
+    assert out.is_dir() and not list(tmp_path.glob(".hf.tmp-*"))
+
+
+def test_bad_inputs_are_clear_errors(run, tmp_path, korean_corpus):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = run_kolm("convert", empty, "--out", tmp_path / "a")
+    assert r.returncode == 2 and "no complete checkpoint found" in r.stderr
+
+    ckpt_dir = run / "run" / "checkpoints"
+    marker = ckpt_dir / "global_step3" / MARKER
+    saved = marker.read_bytes()
+    marker.unlink()
+    try:
+        r = run_kolm("convert", run / "run", "--tag", "global_step3", "--out", tmp_path / "b")
+        assert r.returncode == 2 and "checkpoint is incomplete (no completion marker" in r.stderr
+    finally:
+        marker.write_bytes(saved)
+
+    other = tmp_path / "tok"
+    run_kolm("tokenizer", "train", "--input", korean_corpus, "--vocab-size", 700, "--out", other, check=True)
+    r = run_kolm("convert", run / "run", "--out", tmp_path / "c", "--tokenizer", other)
+    assert r.returncode == 2 and "does not match the model's" in r.stderr
+
+    existing = tmp_path / "exists"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    r = run_kolm("convert", run / "run", "--out", existing)
+    assert r.returncode == 2 and "--force" in r.stderr and (existing / "keep.txt").read_text() == "mine"
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
