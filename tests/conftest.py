@@ -45,6 +45,17 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory, korean_corpus, tokenizer_dir) -> Path:
+    """The bundled corpus sharded with 5% held out for validation (enough to evaluate)."""
+    from kolm.shard import ShardOptions, run_shard
+
+    out = tmp_path_factory.mktemp("shards") / "shards"
+    run_shard([str(korean_corpus)], str(tokenizer_dir), out, ShardOptions(valid_fraction=0.05), workers=1,
+              progress=False)
+    return out
+
+
 def run_kolm(*args: str, check: bool = False, **kwargs) -> subprocess.CompletedProcess:
     """Run the `kolm` command line in a fresh interpreter, capturing its output."""
     proc = subprocess.run(

@@ -16,18 +16,9 @@ from conftest import run_kolm
 from dist import run_ranks, write_recipe
 
 from kolm.checkpoint import MARKER
-from kolm.shard import ShardOptions, run_shard
 
 pytestmark = pytest.mark.slow
 PROMPT = "밥을 먹고 나면 늘 하는 생각이 있는데"
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory, korean_corpus, tokenizer_dir):
-    out = tmp_path_factory.mktemp("convert-data") / "shards"
-    run_shard([str(korean_corpus)], str(tokenizer_dir), out, ShardOptions(valid_fraction=0.05), workers=1,
-              progress=False)
-    return out
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])

@@ -13,18 +13,9 @@ import pytest
 from dist import Ranks, run_ranks, train_records, wait_for, write_recipe
 
 from kolm.checkpoint import MARKER, complete_checkpoints
-from kolm.shard import ShardOptions, run_shard
 from kolm.signals import EXIT_REQUEUE
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory, korean_corpus, tokenizer_dir):
-    out = tmp_path_factory.mktemp("train-data") / "shards"
-    run_shard([str(korean_corpus)], str(tokenizer_dir), out, ShardOptions(valid_fraction=0.05), workers=1,
-              progress=False)
-    return out
 
 
 @pytest.fixture(scope="module")
