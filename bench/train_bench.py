@@ -376,7 +376,7 @@ def write_recipe(path: Path, shards: Path, tok: Path, run_dir: Path, args: argpa
 
     recipe = {
         "data": str(shards), "tokenizer": str(tok), "run_dir": str(run_dir), "model": args.model,
-        "seq_len": args.seq_len, "global_batch": SEED_MICRO_BATCH * SEED_ACCUM, "micro_batch": SEED_MICRO_BATCH,
+        "seq_len": args.seq_len, "global_batch": SEED_MICRO_BATCH * SEED_ACCUM, "micro_batch": args.micro_batch,
         "lr": 5e-4, "weight_decay": 0.1, "warmup_steps": max(1, args.warmup), "train_steps": steps,
         "zero_stage": 2, "precision": "fp32", "log_every": 1, "eval_every": 1 << 30, "eval_samples": 4,
         "save_every": 1 << 30, "keep_checkpoints": 1, "tensorboard": False,
@@ -532,8 +532,9 @@ def child_peak() -> dict:
     for threads in (1, 2):
         torch.set_num_threads(threads)
         for dtype in (torch.float32, torch.bfloat16):
+            fp32 = dtype == torch.float32
             out[f"{str(dtype).replace('torch.', '')}-{threads}"] = measured_matmul_flops(
-                torch.device("cpu"), dtype, seconds=1.5, n=1024 if dtype == torch.float32 else 256)
+                torch.device("cpu"), dtype, seconds=3.0 if fp32 else 1.0, n=1024 if fp32 else 256)
     return out
 
 
@@ -603,9 +604,9 @@ def best_of(results: list[Measurement]) -> dict[str, Measurement]:
 
 
 def model_mfu(m: Measurement, peaks: dict) -> float:
-    """Model FLOPs (on every token processed, padding included) at the median step's rate / the fp32 matmul
-    peak of the cores used (this script's measurement)."""
-    peak = peaks[f"float32-{m.threads}"] * m.processes
+    """Model FLOPs (on every token processed, padding included) at the median step's rate / the machine's
+    fp32 matmul peak (this script's 2-thread measurement: every layout here keeps both cores busy)."""
+    peak = peaks["float32-2"]
     return m.median_total_rate * m.flops_per_token / peak
 
 
@@ -667,7 +668,7 @@ def format_report(best: dict[str, Measurement], results: list[Measurement], peak
         " - no native bf16 on this CPU, so every run is fp32",
         f"- data: first {args.lines:,} lines of `{args.corpus.name}`; tokenizer `{tok.name}` (kolm BPE); model "
         f"`{args.model}` ({fpt / 1e6:.0f} MFLOP/token at seq_len {args.seq_len}); global batch "
-        f"{SEED_MICRO_BATCH * SEED_ACCUM} samples (micro batch {SEED_MICRO_BATCH})",
+        f"{SEED_MICRO_BATCH * SEED_ACCUM} samples (micro batch: seed {SEED_MICRO_BATCH}, kolm {args.micro_batch})",
         f"- timed: {args.steps} optimizer steps after {args.warmup} warmup steps (seed: "
         f"{args.seed_steps or args.steps}); {args.repeats} interleaved round(s), best run shown",
         f"- command: `{command}`",
@@ -677,7 +678,7 @@ def format_report(best: dict[str, Measurement], results: list[Measurement], peak
         "",
         "Useful tokens = non-padding tokens processed (every kolm token is useful: packed windows). "
         "'MFU (kolm log)' is kolm's own figure (per-device tokens/s x FLOPs/token / the matmul peak each rank "
-        "measures at start-up); 'model FLOPs / fp32 peak' uses this script's peak for the cores used "
+        "measures in 1 s at start-up); 'model FLOPs / fp32 peak' uses this script's 2-thread fp32 peak "
         "(for the seed, FLOPs/token at its mean padded length, padding counted as work). Rates are given for "
         "the median timed step (robust to other jobs taking the CPUs for part of a run) and for the whole "
         "timed window; the best run of each method (by median-step rate) is shown.",
@@ -688,7 +689,7 @@ def format_report(best: dict[str, Measurement], results: list[Measurement], peak
             lines.append(f"- {method} / seed, useful tokens/s: {k.median_useful_rate / seed.median_useful_rate:.2f}x "
                          f"(median steps), {k.useful_rate / seed.useful_rate:.2f}x (whole windows); kolm MFU "
                          f"{k.mfu():.1%} (kolm's peak at start-up: {k.peak_gflops} GFLOP/s per rank), "
-                         f"{model_mfu(k, peaks):.1%} of this script's best fp32 peak")
+                         f"{model_mfu(k, peaks):.1%} of this script's 2-thread fp32 peak")
     for m in best.values():
         if m.grad_norms:
             norms = ", ".join("-" if g is None else f"{g:.3g}" for g in m.grad_norms)
@@ -728,6 +729,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=6, help="timed optimizer steps per run (default: 6)")
     p.add_argument("--seed-steps", type=int, default=15, help="timed steps for the seed (default: 15)")
     p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first (default: 2)")
+    p.add_argument("--micro-batch", type=int, default=SEED_MICRO_BATCH,
+                   help=f"kolm's micro batch; the global batch stays {SEED_MICRO_BATCH * SEED_ACCUM} (default: 4)")
     p.add_argument("--threads", type=int, default=2, help="threads of the seed's one process (default: 2)")
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--methods", nargs="*", choices=METHODS, default=list(METHODS),
