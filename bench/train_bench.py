@@ -24,7 +24,7 @@ script measures both to show it. ``--profile`` adds a py-spy profile of rank 0 o
 and prints where that rank's main thread spends its time (forward, backward, gradient communication,
 optimizer, ...). The Markdown table is printed and appended to ``bench/RESULTS.md`` ("Training throughput").
 
-    .venv/bin/python bench/train_bench.py                       # 50,000 lines, seq_len 256, ~12 min on 2 cores
+    .venv/bin/python bench/train_bench.py                       # 50,000 lines, seq_len 256, 2 rounds: ~9 min idle
     .venv/bin/python bench/train_bench.py --steps 4 --no-record # quick check
     .venv/bin/python bench/train_bench.py --methods kolm-2x1 --profile
 """
