@@ -59,6 +59,7 @@ class Measurement:
     content_tokens: int
     eos_tokens: int  # kolm appends one EOS per document; the other methods add none
     background: float  # cores kept busy by other processes during the run (from /proc/stat)
+    round: int = 0
 
 
 # --------------------------------------------------------------------------- corpus and tokenizer
@@ -299,6 +300,7 @@ def run_all(methods: list[str], repeats: int, corpus: Path, tok: Path, workers: 
     results = []
     for r, method in rounds(methods, repeats):
         m = measure_clean(method, corpus, tok, workers, load)
+        m.round = r
         print(f"  round {r + 1}/{repeats} {method:13s} {m.seconds:7.2f} s  {m.content_tokens / m.seconds:10,.0f} tok/s"
               f"  cpu {m.cpu_seconds:6.1f} s  others busy {m.background:.2f} cores", file=sys.stderr)
         results.append(m)
@@ -340,6 +342,16 @@ class Summary:
     @property
     def rate_with_eos(self) -> float:
         return (self.content_tokens + self.eos_tokens) / self.median_s
+
+
+def usable(results: list[Measurement], max_background: float) -> list[Measurement]:
+    """The undisturbed runs of each method, or all its runs where none was undisturbed."""
+    kept = []
+    for method in METHODS:
+        runs = [m for m in results if m.method == method]
+        clean = [m for m in runs if m.background <= max_background]
+        kept += clean or runs
+    return kept
 
 
 def summarize(results: list[Measurement]) -> dict[str, Summary]:
@@ -385,7 +397,19 @@ def format_table(s: dict[str, Summary]) -> str:
     return "\n".join(rows)
 
 
-def format_ratios(s: dict[str, Summary]) -> str:
+def paired_ratios(results: list[Measurement], a: str, b: str) -> list[float]:
+    """Throughput of ``a`` over ``b`` within each round where both have a run: runs close in time see
+    the same machine, which matters where the host's speed drifts."""
+    ratios = []
+    for r in sorted({m.round for m in results}):
+        ma = [m for m in results if m.round == r and m.method == a]
+        mb = [m for m in results if m.round == r and m.method == b]
+        if ma and mb:
+            ratios.append(mb[0].seconds / ma[0].seconds)
+    return ratios
+
+
+def format_ratios(s: dict[str, Summary], results: list[Measurement]) -> str:
     def med(x: Summary) -> float:
         return x.rate
 
@@ -399,7 +423,12 @@ def format_ratios(s: dict[str, Summary]) -> str:
         ("kolm / seed", KOLM_ALL, SEED),
         ("kolm all workers / kolm 1 worker", KOLM_ALL, KOLM_ONE),
     ):
-        lines.append(f"- {label}: {ratio(s, a, b, med)} (median), {ratio(s, a, b, best)} (best)")
+        paired = paired_ratios(results, a, b)
+        within = (
+            f"; per round: median {statistics.median(paired):.1%} ({', '.join(f'{x:.0%}' for x in paired)})"
+            if paired else ""
+        )
+        lines.append(f"- {label}: {ratio(s, a, b, med)} (medians), {ratio(s, a, b, best)} (bests){within}")
     return "\n".join(lines)
 
 
@@ -433,8 +462,10 @@ def library_versions() -> str:
     return ", ".join(found)
 
 
-def format_report(s: dict[str, Summary], results: list[Measurement], args: argparse.Namespace,
-                  corpus: Path, tok: Path, command: str) -> str:
+def format_report(results: list[Measurement], args: argparse.Namespace, corpus: Path, tok: Path,
+                  command: str) -> str:
+    kept = usable(results, args.max_background)
+    s = summarize(kept)
     docs = max(m.documents for m in s.values())
     notes = token_mismatches(results)
     lines = [
@@ -449,19 +480,23 @@ def format_report(s: dict[str, Summary], results: list[Measurement], args: argpa
         f"- kolm revision: {git_revision()}",
         f"- command: `{command}`",
         f"- {args.repeats} interleaved rounds; time = median (best also shown); tokens = content tokens "
-        "(kolm's EOS per document excluded, shown in 'tok/s incl. EOS')",
+        "(kolm's EOS per document excluded, shown in 'tok/s incl. EOS'); CPU s = median CPU of the timed "
+        "section, all processes and threads",
         "",
         format_table(s),
         "",
-        format_ratios(s),
+        format_ratios(s, kept),
     ]
     if notes:
         lines += ["", "**Token counts differ between methods:** " + "; ".join(notes)]
-    disturbed = [m for m in results if m.background > args.max_background]
+    disturbed = [m for m in kept if m.background > args.max_background]
     if disturbed:
-        lines += ["", f"**Caution:** {len(disturbed)} of {len(results)} runs were disturbed by other processes "
-                  f"(busy on more than {args.max_background} cores during the run, even after retries); "
+        lines += ["", f"**Caution:** {len(disturbed)} of the {len(kept)} runs summarized were disturbed by other "
+                  f"processes (busy on more than {args.max_background} cores during the run, even after retries); "
                   "prefer the 'best s' column."]
+    elif len(kept) < len(results):
+        lines += ["", f"{len(results) - len(kept)} run(s) disturbed by other processes (even after retries) are "
+                  "left out of the summary."]
     return "\n".join(lines) + "\n"
 
 
@@ -513,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     corpus = prepare_corpus(args.corpus, args.lines)
     load = LoadPolicy(args.quiet_cores, args.max_wait, args.max_background, args.retries)
     results = run_all(args.methods, args.repeats, corpus, tok, args.workers, load)
-    report = format_report(summarize(results), results, args, corpus, tok, command)
+    report = format_report(results, args, corpus, tok, command)
     print(report)
     if not args.no_record:
         append_results(report)
