@@ -101,10 +101,35 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-samples", type=int, default=None)
     ev.add_argument("--tag", default=None, help="checkpoint tag when MODEL is a run directory")
 
+    report = sub.add_parser("report", help="plots and a summary of a run's metrics")
+    report.add_argument("run_dir", help="run directory (holds metrics.jsonl)")
+    report.add_argument("--out", default=None, help="where the PNGs and summary.txt go (default: RUN_DIR/report)")
+
+    plan = sub.add_parser("plan", help="memory per GPU, layout and training time for a cluster shape")
+    plan.add_argument("--model", default="phi-1.5", help="preset (default phi-1.5)")
+    plan.add_argument("--vocab-size", type=int, default=None, help="tokenizer vocabulary (default: the preset's)")
+    plan.add_argument("--seq-len", type=int, default=512)
+    plan.add_argument("--nodes", type=int, default=1)
+    plan.add_argument("--gpus-per-node", type=int, default=8)
+    plan.add_argument("--gpu", default="a100-80", choices=("a100-40", "a100-80", "h100", "h200"))
+    plan.add_argument("--global-batch", type=int, default=256)
+    plan.add_argument("--tokens", type=float, default=None, help="tokens per epoch (e.g. 3e9)")
+    plan.add_argument("--lines", type=float, default=None, help="corpus lines per epoch, instead of --tokens")
+    plan.add_argument("--tokens-per-line", type=float, default=30.0, help="with --lines (default 30)")
+    plan.add_argument("--epochs", type=float, default=1.0)
+    plan.add_argument("--mfu", type=float, default=0.40, help="assumed model FLOPs utilization (default 0.40)")
+    plan.add_argument("--measure", action="store_true",
+                      help="check the estimate against a real DeepSpeed engine on this machine (small presets)")
+    plan.add_argument("--micro-batch", type=int, default=2, help="with --measure")
+    plan.add_argument("--zero-stage", type=int, default=2, choices=(1, 2, 3), help="with --measure")
+    plan.add_argument("--activation-checkpointing", action="store_true", help="with --measure")
+
     demo = sub.add_parser("demo", help="run the whole line on the bundled Korean corpus")
     demo.add_argument("--corpus", nargs="+", default=None, help="your own corpus instead of the bundled one")
     demo.add_argument("--out", default="kolm-demo", help="where everything is written (default: ./kolm-demo)")
     demo.add_argument("--vocab-size", type=int, default=8000)
+    demo.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    demo.add_argument("--max-new-tokens", type=int, default=40)
     return parser
 
 
@@ -130,10 +155,20 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.command in ("convert", "generate", "eval"):
             return _inference(args)
+        if args.command == "plan":
+            return _plan(args)
+        if args.command == "report":
+            from kolm.report import write_report
+
+            text, paths = write_report(args.run_dir, args.out)
+            print(text)
+            print("plots: " + ", ".join(map(str, paths)))
+            return 0
         if args.command == "demo":
             from kolm.demo import run_demo
 
-            run_demo(args.out, corpus=args.corpus, vocab_size=args.vocab_size)
+            run_demo(args.out, corpus=args.corpus, vocab_size=args.vocab_size, steps=args.steps,
+                     max_new_tokens=args.max_new_tokens)
             return 0
     except KolmError as e:
         print(f"kolm: error: {e}", file=sys.stderr)
@@ -144,7 +179,32 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from kolm import plan
+    from kolm.presets import get_shape
+
+    shape = get_shape(args.model)
+    vocab = plan.resolve_vocab(args.vocab_size, shape)
+    for name in ("seq_len", "nodes", "gpus_per_node", "global_batch", "micro_batch"):
+        if getattr(args, name) < 1:
+            raise KolmError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.seq_len > shape.max_position_embeddings:
+        raise KolmError(f"--seq-len {args.seq_len} exceeds {args.model}'s {shape.max_position_embeddings} positions")
+    plan.check_mfu(args.mfu)
+    if args.measure:
+        print(plan.format_measurement(args.model, vocab, args.seq_len, args.micro_batch, args.zero_stage,
+                                      args.activation_checkpointing))
+        return 0
+    tokens = plan.tokens_for(args.tokens, args.lines, args.tokens_per_line, args.epochs)
+    print(plan.format_plan(args.model, shape, vocab, args.seq_len, args.nodes, args.gpus_per_node, args.gpu,
+                           args.global_batch, tokens, args.mfu))
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
+    from kolm.signals import GracefulStop
+
+    stop = GracefulStop()  # before the slow imports, so an early USR1/TERM cannot kill the run
     from kolm.config import load_config
 
     cfg = load_config(args.config, args.overrides)
@@ -155,7 +215,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"config OK: {plan.total_steps} steps, gradient accumulation {plan.grad_accum} on "
               f"{plan.env.world_size} ranks, {plan.n_params / 1e6:.1f}M parameters")
         return 0
-    return train(cfg)
+    return train(cfg, stop)
 
 
 def _inference(args: argparse.Namespace) -> int:

@@ -7,8 +7,6 @@ from __future__ import annotations
 import signal
 import sys
 
-import torch
-
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 # "Temporary failure, try again": launchers requeue on it and only on it.
 EXIT_REQUEUE = 75
@@ -26,8 +24,9 @@ class GracefulStop:
             print(f"kolm: received {signal.Signals(signum).name}; checkpointing at the next step", file=sys.stderr)
         self.received.append(signum)
 
-    def requested(self, device: torch.device) -> bool:
+    def requested(self, device) -> bool:
         """Collective: True on every rank when any rank received a stop signal."""
+        import torch
         import torch.distributed as dist
 
         flag = torch.tensor([1.0 if self.received else 0.0], device=device)

@@ -287,11 +287,16 @@ class Trainer:
         return code
 
 
-def train(cfg: RunConfig) -> int:
-    """The training loop. Returns the process exit status."""
-    t = Trainer(cfg)
-    stop = GracefulStop()
+def train(cfg: RunConfig, stop: GracefulStop | None = None) -> int:
+    """The training loop. Returns the process exit status.
+
+    Pass `stop` installed as early as possible: a stop signal that arrives while the engine
+    starts is then honoured at the first step instead of killing the process."""
+    stop = stop or GracefulStop()
     try:
+        t = Trainer(cfg)
+        if cfg.eval_at_start and t.state.step == 0:
+            t.maybe_evaluate()
         while t.state.step < t.plan.total_steps:
             loss = t.train_step()
             give_up = _count_nonfinite(t.state, loss, t.engine, cfg)
@@ -302,7 +307,7 @@ def train(cfg: RunConfig) -> int:
             stopping = stop.requested(t.device)
             if t.save_due() or stopping:
                 t.save(eval_loss)
-            if stopping:
+            if stopping and t.state.step < t.plan.total_steps:
                 return t.finish(EXIT_REQUEUE)
         return t.finish(0)
     finally:
@@ -334,9 +339,16 @@ def _grad_norm(engine) -> float | None:
 
 
 def _progress(enabled: bool, total: int, initial: int):
-    """A console progress bar on rank 0; returns a function taking each step's record."""
+    """Rank 0's console output: a progress bar on a terminal, else (batch job logs) one plain
+    line per logging step. Returns a function taking each step's record."""
     if not enabled:
         return lambda record: None
+    if not sys.stderr.isatty():
+        def log_line(record: dict) -> None:
+            if "tokens_per_s" in record:
+                say(f"step {record['step']}/{total} loss {record['loss']:.4f} lr {record['lr']:.2e} "
+                    f"tok/s {record['tokens_per_s']:.0f} mfu {record['mfu']:.1%}")
+        return log_line
     from tqdm import tqdm
 
     bar = tqdm(total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True, mininterval=1.0)

@@ -1,0 +1,216 @@
+"""Submit `kolm train` to Slurm with submitit, from the command line or from Python.
+
+    python -m launch.submit --config RECIPE.yaml --nodes 2 --gpus-per-node 8 [key=value ...]
+
+    from launch.submit import SubmitOptions, submit
+    job = submit("recipes/phi-1_5-ko.yaml", ["train_steps=1000"], SubmitOptions(nodes=2))
+
+One task per GPU, each running the trainer in-process. Near the time limit Slurm sends USR2 to
+every task (submitit's `slurm_signal_delay_s`); kolm's graceful stop catches it on all ranks,
+writes one checkpoint collectively, and only then hands over to submitit, whose handler requeues
+the job from global rank 0 (submitit calls `checkpoint()` on rank 0 only, so a ZeRO save inside
+it would hang). The requeued job resumes from the newest complete checkpoint. `scancel` and
+preemption send SIGTERM: the trainer checkpoints and stops; a preempted job is requeued by Slurm.
+Partition and account default to SBATCH_PARTITION / SBATCH_ACCOUNT, and every job sources
+slurm/site.sh first, so cluster settings stay in the one place the sbatch scripts use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+KOLM_HOME = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class SubmitOptions:
+    """Every default of a submission, in one place."""
+
+    nodes: int = 1
+    gpus_per_node: int = 8
+    tasks_per_node: int | None = None  # default: one per GPU (one when there are none)
+    cpus_per_task: int = 8
+    mem_gb: int | None = None
+    partition: str | None = field(default_factory=lambda: os.environ.get("SBATCH_PARTITION"))
+    account: str | None = field(default_factory=lambda: os.environ.get("SBATCH_ACCOUNT"))
+    time_min: int = 24 * 60
+    signal_delay_s: int = 300  # checkpoint this long before the time limit
+    max_requeues: int = 50  # time-limit requeues; preemptions are not counted
+    sbatch: dict[str, str] = field(default_factory=dict)  # extra #SBATCH parameters
+    cluster: str | None = None  # slurm, local or debug; None: slurm when sbatch exists, else local
+    log_dir: str = "submitit-logs"
+    job_name: str = "kolm-pretrain"
+
+    def validate(self) -> None:
+        for name in ("nodes", "cpus_per_task", "time_min"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.gpus_per_node < 0:
+            raise ValueError(f"gpus_per_node must be 0 or more, got {self.gpus_per_node}")
+        if self.signal_delay_s >= self.time_min * 60:
+            raise ValueError(f"signal_delay_s={self.signal_delay_s} leaves no time to train within "
+                             f"time_min={self.time_min}; use a longer time or a shorter delay")
+        if self.cluster not in (None, "slurm", "local", "debug"):
+            raise ValueError(f"cluster must be slurm, local or debug, got {self.cluster!r}")
+        if self.cluster in ("local", "debug") and self.nodes != 1:
+            raise ValueError(f"--cluster {self.cluster} runs on this machine only: use --nodes 1")
+
+    @property
+    def ntasks_per_node(self) -> int:
+        return self.tasks_per_node or max(1, self.gpus_per_node)
+
+
+class KolmTrain:
+    """The job submitit runs on every task: `kolm train --config RECIPE [overrides]`."""
+
+    def __init__(self, config: str, overrides: list[str]):
+        self.config = config
+        self.overrides = list(overrides)
+
+    def __call__(self) -> dict:
+        from kolm.signals import GracefulStop
+
+        # Replaces submitit's USR2/TERM handlers until training returns (train() restores them).
+        stop = GracefulStop()
+        import submitit
+
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        from kolm.config import load_config
+        from kolm.signals import EXIT_REQUEUE
+        from kolm.train import train
+
+        code = train(load_config(self.config, self.overrides), stop)
+        if code == 0:
+            return {"status": "finished", "config": self.config}
+        if code == EXIT_REQUEUE and signal.SIGUSR2 in stop.received:
+            self._hand_over_to_submitit()
+        name = ", ".join(signal.Signals(s).name for s in stop.received) or "an error"
+        raise RuntimeError(f"kolm train exited with status {code} (stopped by {name}); see the log above")
+
+    @staticmethod
+    def _hand_over_to_submitit() -> None:
+        """Every rank has checkpointed: let submitit's USR2 handler requeue the job from rank 0."""
+        signal.raise_signal(signal.SIGUSR2)  # rank 0: checkpoint() + scontrol requeue + exit
+        # Other ranks return from submitit's handler; the requeue's SIGTERM ends them (submitit
+        # would ignore it, which holds the requeue back until Slurm's KillWait runs out).
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        time.sleep(600)
+
+    def checkpoint(self) -> object:
+        import submitit
+
+        # Nothing to save here (the trainer already did, on all ranks); the new job finds the
+        # newest complete checkpoint in the run directory by itself.
+        return submitit.helpers.DelayedSubmission(KolmTrain(self.config, self.overrides))
+
+
+def make_executor(opts: SubmitOptions):
+    import shutil
+
+    import submitit
+
+    cluster = opts.cluster or ("slurm" if shutil.which("sbatch") else "local")
+    executor = submitit.AutoExecutor(folder=str(Path(opts.log_dir) / "%j"), cluster=cluster,
+                                     slurm_max_num_timeout=opts.max_requeues)
+    params = dict(name=opts.job_name, timeout_min=opts.time_min, nodes=opts.nodes,
+                  tasks_per_node=opts.ntasks_per_node, cpus_per_task=opts.cpus_per_task)
+    if opts.gpus_per_node:
+        params["gpus_per_node"] = opts.gpus_per_node
+    if opts.mem_gb:
+        params["mem_gb"] = opts.mem_gb
+    if cluster == "slurm":
+        params.update(slurm_signal_delay_s=opts.signal_delay_s,
+                      slurm_setup=[f"source {shlex.quote(str(KOLM_HOME / 'slurm' / 'site.sh'))}"],
+                      slurm_additional_parameters=dict(opts.sbatch))
+        if opts.partition:
+            params["slurm_partition"] = opts.partition
+        if opts.account:
+            params["slurm_account"] = opts.account
+    executor.update_parameters(**params)
+    return executor
+
+
+def submit(config: str, overrides: list[str], opts: SubmitOptions | None = None):
+    """Validate the recipe here, then submit; returns the submitit Job."""
+    opts = opts or SubmitOptions()
+    opts.validate()
+    from kolm.config import load_config
+
+    load_config(config, overrides)  # a typo fails now, not after the job waited in the queue
+    config = str(Path(config).resolve())
+    return make_executor(opts).submit(KolmTrain(config, overrides))
+
+
+def _sbatch_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--sbatch takes KEY=VALUE (for example qos=high), got {text!r}")
+    return key.lstrip("-").replace("-", "_"), value
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, SubmitOptions]:
+    d = SubmitOptions()
+    p = argparse.ArgumentParser(prog="python -m launch.submit", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="recipe YAML")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe keys")
+    p.add_argument("--nodes", type=int, default=d.nodes)
+    p.add_argument("--gpus-per-node", type=int, default=d.gpus_per_node, help="0 on CPU-only nodes")
+    p.add_argument("--tasks-per-node", type=int, default=None, help="default: one per GPU")
+    p.add_argument("--cpus-per-task", type=int, default=d.cpus_per_task)
+    p.add_argument("--mem-gb", type=int, default=None)
+    p.add_argument("--partition", default=d.partition, help="default: $SBATCH_PARTITION")
+    p.add_argument("--account", default=d.account, help="default: $SBATCH_ACCOUNT")
+    p.add_argument("--time", dest="time_min", type=int, default=d.time_min, help="time limit in minutes")
+    p.add_argument("--signal-delay", dest="signal_delay_s", type=int, default=d.signal_delay_s,
+                   help="seconds before the time limit at which to checkpoint and requeue")
+    p.add_argument("--max-requeues", type=int, default=d.max_requeues)
+    p.add_argument("--sbatch", type=_sbatch_pair, action="append", default=[], metavar="KEY=VALUE",
+                   help="extra #SBATCH parameter (repeatable), e.g. --sbatch qos=high")
+    p.add_argument("--cluster", choices=("slurm", "local", "debug"), default=None,
+                   help="local: subprocesses on this machine; debug: in this process (default: slurm if available)")
+    p.add_argument("--log-dir", default=d.log_dir)
+    p.add_argument("--job-name", default=d.job_name)
+    p.add_argument("--wait", action="store_true", help="wait for the job to end and exit with its status")
+    a = p.parse_args(argv)
+    opts = SubmitOptions(nodes=a.nodes, gpus_per_node=a.gpus_per_node, tasks_per_node=a.tasks_per_node,
+                         cpus_per_task=a.cpus_per_task, mem_gb=a.mem_gb, partition=a.partition,
+                         account=a.account, time_min=a.time_min, signal_delay_s=a.signal_delay_s,
+                         max_requeues=a.max_requeues, sbatch=dict(a.sbatch), cluster=a.cluster,
+                         log_dir=a.log_dir, job_name=a.job_name)
+    return a, opts
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kolm.errors import KolmError
+
+    args, opts = parse_args(argv)
+    try:
+        job = submit(args.config, args.overrides, opts)
+    except (KolmError, ValueError) as e:
+        print(f"launch.submit: error: {e}", file=sys.stderr)
+        return 2
+    folder = Path(opts.log_dir) / str(job.job_id)
+    print(f"submitted job {job.job_id}")
+    print(f"  logs:    {folder}/{job.job_id}_0_log.out (and _log.err; one pair per task)")
+    print(f"  follow:  tail -f {folder}/{job.job_id}_0_log.err")
+    print(f"  status:  squeue -j {job.job_id}    cancel: scancel {job.job_id}")
+    if not args.wait:
+        return 0
+    try:
+        result = job.result()
+    except Exception as e:  # submitit re-raises the task's failure with its traceback
+        print(f"job {job.job_id} failed: {e}", file=sys.stderr)
+        return 1
+    print(f"job {job.job_id}: {result['status']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+#!/bin/bash
+# Submit the whole line as one Slurm dependency chain:
+#   [tokenizer] -> shard (array) -> merge -> pretrain (multi-node, requeues itself) -> convert
+#
+#   slurm/pipeline.sh --recipe recipes/phi-1_5-ko.yaml --input corpus/*.jsonl.gz \
+#       --tokenizer work/tokenizer [--vocab-size 32000] --shards work/shards \
+#       --out models/phi-1_5-ko [--shard-tasks 8] [--nodes 4] [--time 24:00:00] [-- key=value ...]
+#
+# Run it on a login node, from the directory the job logs should go to (relative paths are
+# relative to it too). The tokenizer is trained first only when
+# --tokenizer does not exist yet (then --vocab-size is required). Everything after `--` overrides
+# recipe keys; data and tokenizer are set from --shards and --tokenizer. Partition, account, the
+# software environment and extra sbatch options per kind of job (KOLM_SBATCH_TRAIN,
+# KOLM_SBATCH_CPU) come from slurm/site.sh. Prints the job ids; each job waits for the
+# previous one to succeed (afterok), so a failure stops the chain.
+set -euo pipefail
+KOLM_HOME=$(dirname "$(dirname "$(readlink -f "$0")")")
+export KOLM_HOME
+# shellcheck source=site.sh
+source "$KOLM_HOME/slurm/site.sh"
+read -r -a train_sbatch <<<"$KOLM_SBATCH_TRAIN"
+read -r -a cpu_sbatch <<<"$KOLM_SBATCH_CPU"
+
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+recipe= tokenizer= vocab= shards= out= tasks=4 nodes= time= inputs=() overrides=()
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --recipe) recipe=$2; shift 2 ;;
+    --input) shift; while [[ $# -gt 0 && $1 != --* ]]; do inputs+=("$1"); shift; done ;;
+    --tokenizer) tokenizer=$2; shift 2 ;;
+    --vocab-size) vocab=$2; shift 2 ;;
+    --shards) shards=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;;
+    --shard-tasks) tasks=$2; shift 2 ;;
+    --nodes) nodes=$2; shift 2 ;;
+    --time) time=$2; shift 2 ;;
+    --) shift; overrides=("$@"); break ;;
+    -h|--help) usage ;;
+    *) echo "pipeline: unknown option $1" >&2; usage ;;
+  esac
+done
+for v in recipe tokenizer shards out; do
+  [[ -n ${!v} ]] || { echo "pipeline: --$v is required" >&2; usage; }
+done
+[[ ${#inputs[@]} -gt 0 ]] || { echo "pipeline: --input is required" >&2; usage; }
+overrides+=("data=$shards" "tokenizer=$tokenizer")
+
+# The run directory, from the recipe and overrides; this also catches recipe typos before
+# anything is queued.
+run_dir=$("$KOLM_PYTHON" -c 'import sys; from kolm.config import load_config
+print(load_config(sys.argv[1], sys.argv[2:]).run_dir)' "$recipe" "${overrides[@]}")
+
+dep=()
+if [[ ! -e $tokenizer ]]; then
+  [[ -n $vocab ]] || { echo "pipeline: $tokenizer does not exist; give --vocab-size to train it first" >&2; exit 2; }
+  tok_job=$(sbatch --parsable --job-name=kolm-tokenizer --nodes=1 --ntasks=1 --cpus-per-task=16 \
+    "${cpu_sbatch[@]}" --output=%x-%j.out --wrap "$(printf '%q ' "$KOLM_PYTHON" -m kolm tokenizer train --input "${inputs[@]}" \
+    --vocab-size "$vocab" --out "$tokenizer")")
+  echo "tokenizer: job $tok_job"
+  dep=(--dependency="afterok:$tok_job")
+fi
+shard_job=$(sbatch --parsable "${dep[@]}" "${cpu_sbatch[@]}" --array="0-$((tasks - 1))" "$KOLM_HOME/slurm/shard.sbatch" \
+  --input "${inputs[@]}" --tokenizer "$tokenizer" --out "$shards")
+echo "shard:     job $shard_job (array of $tasks)"
+merge_job=$(sbatch --parsable "${cpu_sbatch[@]}" --dependency="afterok:$shard_job" "$KOLM_HOME/slurm/shard.sbatch" \
+  merge "$shards")
+echo "merge:     job $merge_job"
+train_opts=("${train_sbatch[@]}")
+[[ -n $nodes ]] && train_opts+=(--nodes="$nodes")
+[[ -n $time ]] && train_opts+=(--time="$time")
+train_job=$(sbatch --parsable "${train_opts[@]}" --dependency="afterok:$merge_job" "$KOLM_HOME/slurm/pretrain.sbatch" \
+  "$recipe" "${overrides[@]}")
+echo "pretrain:  job $train_job (log kolm-pretrain-$train_job.out, run directory $run_dir)"
+convert_job=$(sbatch --parsable "${cpu_sbatch[@]}" --dependency="afterok:$train_job" "$KOLM_HOME/slurm/convert.sbatch" \
+  "$run_dir" --out "$out")
+echo "convert:   job $convert_job (model in $out)"
+echo "follow with: squeue -u ${USER:-$(id -un)}    cancel all: scancel $shard_job $merge_job $train_job $convert_job"

@@ -1,0 +1,200 @@
+"""The cluster launchers on a real 2-node Slurm cluster (tools/local-slurm.sh): time limits,
+preemption and scancel with sbatch and submitit, array sharding, and the whole pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from dist import run_ranks, train_records, write_recipe
+from slurm_cluster import REPO, finished, job, restarted, sbatch, scontrol, start_cluster, wait_job
+
+from kolm.checkpoint import complete_checkpoints
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the local Slurm cluster needs root (tools/local-slurm.sh)"),
+]
+
+# Long enough that a job started with --time=2 and a 100 s warning is still training when the
+# warning comes (Slurm checks time limits every 30 s, so it arrives 0-30 s after the start).
+SLURM_RUN = {"train_steps": 90, "save_every": 10, "eval_every": 45, "log_every": 5}
+CPU_TASKS = ["--gpus-per-node=0", "--ntasks-per-node=1", "--cpus-per-task=1"]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> dict:
+    return start_cluster()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, shards, tokenizer_dir):
+    """The same run, uninterrupted, on 2 local ranks: what every Slurm run must reproduce."""
+    root = tmp_path_factory.mktemp("slurm-reference")
+    recipe = write_recipe(root / "recipe.yaml", shards, tokenizer_dir, root / "run", **SLURM_RUN)
+    codes, out = run_ranks(2, recipe, log_dir=root / "logs")
+    assert codes == [0, 0], out[-3000:]
+    return root / "run"
+
+
+def _losses(run_dir: Path) -> list[tuple]:
+    return [(r["step"], r["consumed_samples"], r["loss"]) for r in train_records(run_dir)]
+
+
+def _assert_same_run(run_dir: Path, reference: Path) -> None:
+    got, want = _losses(run_dir), _losses(reference)
+    assert [s for s, _, _ in got] == list(range(1, SLURM_RUN["train_steps"] + 1))
+    assert got == want  # same samples, same losses, step by step
+    assert train_records(run_dir, "eval")[-1]["eval_loss"] == train_records(reference, "eval")[-1]["eval_loss"]
+
+
+def _extend_time_limit_after_first_requeue(env: dict, job_id: str, log: Path) -> dict:
+    """The job requeued itself once; let the next attempt finish instead of requeueing again."""
+    info = wait_job(env, job_id, restarted, 300, "requeue itself at its time limit", log)
+    scontrol(env, "update", f"JobId={job_id}", "TimeLimit=15")
+    return info
+
+
+def test_local_cluster_start_is_idempotent(cluster):
+    proc = subprocess.run([str(REPO / "tools/local-slurm.sh"), "start", "--nodes", "2"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0 and "already running" in proc.stderr
+    nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], env=cluster, capture_output=True, text=True).stdout
+    states = dict(line.split() for line in nodes.splitlines())
+    assert set(states) == {"kolm-n1", "kolm-n2"} and set(states.values()) <= {"idle", "mix", "alloc"}, nodes
+
+
+def test_sbatch_requeues_at_time_limit_and_resumes_to_the_same_result(tmp_path, cluster, shards, tokenizer_dir,
+                                                                     reference):
+    recipe = write_recipe(tmp_path / "recipe.yaml", shards, tokenizer_dir, tmp_path / "run", **SLURM_RUN)
+    job_id = sbatch(cluster, "--nodes=2", *CPU_TASKS, "--time=2", "--signal=B:USR1@100",
+                    REPO / "slurm/pretrain.sbatch", recipe, cwd=tmp_path)
+    log = tmp_path / f"kolm-pretrain-{job_id}.out"
+    _extend_time_limit_after_first_requeue(cluster, job_id, log)
+    info = wait_job(cluster, job_id, finished, 600, "finish", log)
+    text = log.read_text(errors="replace")
+    assert info["JobState"] == "COMPLETED", text[-4000:]
+    assert "time limit near" in text and f"requeueing job {job_id}" in text
+    assert "resuming from global_step" in text
+    assert "srun" not in text.split("kolm: job", 1)[0]  # nothing failed before the first start
+    _assert_same_run(tmp_path / "run", reference)
+
+
+def test_preemption_by_scontrol_requeue_is_survived(tmp_path, cluster, shards, tokenizer_dir, reference):
+    recipe = write_recipe(tmp_path / "recipe.yaml", shards, tokenizer_dir, tmp_path / "run", **SLURM_RUN)
+    job_id = sbatch(cluster, "--nodes=2", *CPU_TASKS, "--time=15", REPO / "slurm/pretrain.sbatch", recipe,
+                    cwd=tmp_path)
+    log = tmp_path / f"kolm-pretrain-{job_id}.out"
+    deadline = time.monotonic() + 300
+    while not complete_checkpoints(tmp_path / "run" / "checkpoints"):
+        assert time.monotonic() < deadline and not finished(job(cluster, job_id)), log.read_text()[-3000:]
+        time.sleep(0.5)
+    scontrol(cluster, "requeue", job_id)
+    info = wait_job(cluster, job_id, finished, 600, "finish after the preemption", log)
+    text = log.read_text(errors="replace")
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 1, text[-4000:]
+    assert "resuming from global_step" in text
+    _assert_same_run(tmp_path / "run", reference)
+
+
+def test_scancel_ends_the_job_without_requeue(tmp_path, cluster, shards, tokenizer_dir):
+    recipe = write_recipe(tmp_path / "recipe.yaml", shards, tokenizer_dir, tmp_path / "run", **SLURM_RUN)
+    job_id = sbatch(cluster, "--nodes=2", *CPU_TASKS, "--time=15", REPO / "slurm/pretrain.sbatch", recipe,
+                    cwd=tmp_path)
+    log = tmp_path / f"kolm-pretrain-{job_id}.out"
+    deadline = time.monotonic() + 300
+    while not train_records(tmp_path / "run"):
+        assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+        time.sleep(0.5)
+    subprocess.run(["scancel", job_id], env=cluster, check=True)
+    info = wait_job(cluster, job_id, finished, 120, "end after scancel", log)
+    time.sleep(15)  # longer than the cluster's requeue hold: a requeue would show by now
+    info = job(cluster, job_id)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", info
+    assert "requeueing" not in log.read_text(errors="replace")
+
+
+def test_submitit_launcher_runs_two_nodes_across_a_timeout(tmp_path, cluster, shards, tokenizer_dir, reference):
+    recipe = write_recipe(tmp_path / "recipe.yaml", shards, tokenizer_dir, tmp_path / "run", **SLURM_RUN)
+    logs = tmp_path / "submitit"
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.submit", "--config", str(recipe), "--nodes", "2", "--gpus-per-node", "0",
+         "--cpus-per-task", "1", "--time", "2", "--signal-delay", "100", "--log-dir", str(logs)],
+        env=cluster, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.split()[2]
+    assert f"tail -f {logs}/{job_id}/{job_id}_0_log.err" in proc.stdout
+    log = logs / job_id / f"{job_id}_0_log.err"
+    _extend_time_limit_after_first_requeue(cluster, job_id, log)
+    info = wait_job(cluster, job_id, finished, 600, "finish", log)
+    text = log.read_text(errors="replace")
+    assert info["JobState"] == "COMPLETED", text[-4000:]
+    assert "received SIGUSR2" in text and "resuming from global_step" in text
+    import submitit
+
+    assert submitit.SlurmJob(logs / "%j", job_id, tasks=(0,)).result()["status"] == "finished"
+    _assert_same_run(tmp_path / "run", reference)
+
+
+def test_submit_rejects_a_bad_recipe_before_queueing(tmp_path, cluster, shards, tokenizer_dir):
+    recipe = write_recipe(tmp_path / "recipe.yaml", shards, tokenizer_dir, tmp_path / "run", lr_warmup=3)
+    proc = subprocess.run([sys.executable, "-m", "launch.submit", "--config", str(recipe), "--gpus-per-node", "0",
+                           "--log-dir", str(tmp_path / "logs")], env=cluster, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "lr_warmup" in proc.stderr
+    assert not (tmp_path / "logs").exists()
+
+
+def _shard_files(out: Path) -> dict[str, str]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {s["path"]: s["sha256"] for s in manifest["shards"]}
+
+
+def test_array_sharding_job_matches_a_single_run(tmp_path, cluster, korean_corpus, tokenizer_dir, shards):
+    out = tmp_path / "shards"
+    array = sbatch(cluster, "--array=0-1", "--cpus-per-task=1", REPO / "slurm/shard.sbatch", "--input",
+                   korean_corpus, "--tokenizer", tokenizer_dir, "--out", out, "--valid-fraction", "0.05",
+                   cwd=tmp_path)
+    merge = sbatch(cluster, f"--dependency=afterok:{array}", REPO / "slurm/shard.sbatch", "merge", out,
+                   cwd=tmp_path)
+    info = wait_job(cluster, merge, finished, 300, "merge the array's shards", tmp_path / f"kolm-shard-{merge}.out")
+    logs = "".join(p.read_text() for p in tmp_path.glob("kolm-shard-*.out"))
+    assert info["JobState"] == "COMPLETED", logs[-3000:]
+    assert _shard_files(out) == _shard_files(shards)
+    for shard in _shard_files(out):
+        for ext in (".bin", ".idx"):
+            assert (out / shard).with_suffix(ext).read_bytes() == (shards / shard).with_suffix(ext).read_bytes()
+
+
+def test_pipeline_goes_from_corpus_to_a_converted_model(tmp_path, cluster, korean_corpus):
+    recipe = write_recipe(tmp_path / "recipe.yaml", tmp_path / "unused", tmp_path / "unused", tmp_path / "run",
+                          train_steps=6, save_every=3, eval_every=6, eval_samples=16)
+    env = {**cluster, "KOLM_SBATCH_TRAIN": " ".join(CPU_TASKS), "KOLM_SBATCH_CPU": "--cpus-per-task=1 --mem=1G"}
+
+    def pipeline(*overrides: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(REPO / "slurm/pipeline.sh"), "--recipe", str(recipe), "--input", str(korean_corpus),
+             "--tokenizer", "tokenizer", "--vocab-size", "1000", "--shards", "shards", "--out", "model",
+             "--shard-tasks", "2", "--nodes", "2", "--", *overrides], env=env, cwd=tmp_path, capture_output=True,
+            text=True)
+
+    typo = pipeline("eval_sample=16")
+    assert typo.returncode != 0 and "eval_sample" in typo.stderr  # a recipe typo queues nothing
+    assert not list(tmp_path.glob("kolm-*.out")) and not (tmp_path / "shards").exists()
+    proc = pipeline()
+    assert proc.returncode == 0, proc.stderr
+    jobs = {line.split(":")[0]: line.split()[2] for line in proc.stdout.splitlines() if " job " in line}
+    assert set(jobs) == {"tokenizer", "shard", "merge", "pretrain", "convert"}, proc.stdout
+    info = wait_job(cluster, jobs["convert"], finished, 900, "run the whole chain")
+    logs = "\n".join(p.read_text(errors="replace") for p in sorted(tmp_path.glob("*.out")))
+    assert info["JobState"] == "COMPLETED", logs[-5000:]
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["architectures"] == ["PhiForCausalLM"]
+    generated = subprocess.run([sys.executable, "-m", "kolm", "generate", str(tmp_path / "model"), "헌법",
+                                "--max-new-tokens", "5"], env={**cluster, "HF_HUB_OFFLINE": "1"},
+                               capture_output=True, text=True)
+    assert generated.returncode == 0 and "헌법" in generated.stdout, generated.stderr
