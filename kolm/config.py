@@ -49,6 +49,7 @@ class RunConfig:
     # --- evaluation, logging, checkpoints
     eval_every: int = 10000
     eval_samples: int = 0  # windows of the validation split per evaluation; 0 = all
+    eval_at_start: bool = False  # also evaluate the initial model (step 0): a baseline perplexity
     log_every: int = 10
     save_every: int = 10000
     keep_checkpoints: int = 5  # newest K are kept, plus the best by eval loss

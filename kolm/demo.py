@@ -1,39 +1,146 @@
-"""`kolm demo`: the whole line on the bundled Korean corpus, reusing whatever is already done."""
+"""`kolm demo`: the whole line on the bundled Korean corpus, reusing whatever is already done.
+
+tokenizer -> shards -> a small Phi trained with DeepSpeed on 2 local processes (CPU) or every
+GPU -> Hugging Face directory -> generated Korean text, with validation perplexity before and
+after training."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from kolm.corpus import bundled_corpus_files
+from kolm.errors import KolmError
+
+PROMPT = "밥을 먹고 나면 늘 하는 생각이 있는데"  # the seed's prompt
 
 
 def _stage(name: str) -> None:
     print(f"\n== {name}", file=sys.stderr, flush=True)
 
 
-def run_demo(out: str, corpus: list[str] | None = None, vocab_size: int = 8000) -> dict:
-    """Train a tokenizer and shard the corpus under ``out``; returns where things were written."""
+def _note(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def demo_recipe(root: Path, steps: int, gpu: bool) -> dict:
+    """A tiny Phi that learns the bundled corpus in a few minutes on 2 CPU cores."""
+    return {
+        "data": str(root / "shards"), "tokenizer": str(root / "tokenizer"), "run_dir": str(root / "run"),
+        "model": "phi-tiny", "seq_len": 128, "global_batch": 16, "micro_batch": 4,
+        "lr": 3.0e-3, "min_lr": 3.0e-4, "warmup_steps": max(1, steps // 10), "train_steps": steps,
+        "zero_stage": 2,
+        # CPUs without native bf16 run it far slower than fp32.
+        "precision": "bf16" if gpu else "fp32",
+        "eval_at_start": True, "eval_every": steps, "save_every": steps, "keep_checkpoints": 1,
+        "log_every": 10, "tensorboard": False,
+    }
+
+
+def _finished(run_dir: Path, steps: int) -> bool:
+    from kolm.checkpoint import complete_checkpoints
+
+    done = complete_checkpoints(run_dir / "checkpoints")
+    return bool(done) and done[0].step >= steps
+
+
+def train_processes(gpu: bool) -> tuple[int, dict]:
+    """How many local ranks, and their environment: every GPU, else 2 CPU processes."""
+    import torch
+
+    env = dict(os.environ)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    if gpu:
+        return torch.cuda.device_count(), env
+    env["DS_ACCELERATOR"] = "cpu"
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
+    return 2, env
+
+
+def run_training(recipe: Path, gpu: bool) -> None:
+    n, env = train_processes(gpu)
+    _note(f"{n} {'GPU' if gpu else 'CPU'} processes: torchrun --standalone --nproc-per-node {n} "
+          f"-m kolm train --config {recipe}")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
+               "-m", "kolm", "train", "--config", str(recipe)]
+    code = subprocess.run(command, env=env).returncode
+    if code != 0:
+        raise KolmError(f"training exited with status {code} (see its output above); "
+                        "run `kolm demo` again to resume from the last checkpoint")
+
+
+def perplexities(run_dir: Path) -> tuple[float, float]:
+    """Validation perplexity of the initial model and of the trained one, from metrics.jsonl."""
+    evals = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+             if r.get("kind") == "eval"]
+    if not evals or evals[0]["step"] != 0:
+        raise KolmError(f"{run_dir}/metrics.jsonl has no step-0 evaluation; remove {run_dir} and run again")
+    return evals[0]["eval_perplexity"], evals[-1]["eval_perplexity"]
+
+
+def run_demo(out: str, corpus: list[str] | None = None, vocab_size: int = 8000, steps: int = 300,
+             max_new_tokens: int = 40) -> dict:
+    """Run (or finish) every stage under ``out``; returns where things were written and the results."""
+    import torch
+
     from kolm.cli import format_shard_summary, format_tokenizer_report
+    from kolm.convert import convert
+    from kolm.generate import generate
     from kolm.shard import ShardOptions, run_shard
     from kolm.tokenizer import train_tokenizer
 
-    root = Path(out)
+    root = Path(out).resolve()
     inputs = corpus or bundled_corpus_files()
-    tok_dir, shard_dir = root / "tokenizer", root / "shards"
-    _stage(f"tokenizer: byte-level BPE, vocabulary {vocab_size}, on {len(inputs)} files")
+    tok_dir, shard_dir, run_dir, model_dir = root / "tokenizer", root / "shards", root / "run", root / "model"
+    gpu = torch.cuda.is_available()
+    started = time.perf_counter()
+
+    _stage(f"1/5 tokenizer: byte-level BPE, vocabulary {vocab_size}, on {len(inputs)} files")
     if (tok_dir / "tokenizer.json").is_file():
-        print(f"reusing {tok_dir} (already trained)", file=sys.stderr)
+        _note(f"reusing {tok_dir} (already trained)")
     else:
-        print(format_tokenizer_report(train_tokenizer(inputs, tok_dir, vocab_size)), file=sys.stderr)
-    _stage("shard: tokenize once into MMIDIDX shards")
-    start = time.perf_counter()
+        _note(format_tokenizer_report(train_tokenizer(inputs, tok_dir, vocab_size)))
+
+    _stage("2/5 shard: tokenize once into MMIDIDX shards")
+    t0 = time.perf_counter()
     # The bundled corpus is small: hold out 5% so validation has text to score.
     manifest = run_shard(inputs, str(tok_dir), shard_dir, ShardOptions(valid_fraction=0.05))
-    print(format_shard_summary(str(shard_dir), manifest, time.perf_counter() - start), file=sys.stderr)
-    result = {"tokenizer": str(tok_dir), "shards": str(shard_dir)}
-    _stage("done")
-    for k, v in result.items():
-        print(f"{k:>10}: {v}")
+    _note(format_shard_summary(str(shard_dir), manifest, time.perf_counter() - t0))
+
+    _stage(f"3/5 train: phi-tiny, {steps} steps, DeepSpeed ZeRO-2")
+    recipe_path = root / "recipe.yaml"
+    recipe = demo_recipe(root, steps, gpu)
+    recipe_path.write_text(yaml.safe_dump(recipe, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    if _finished(run_dir, steps):
+        _note(f"reusing {run_dir} (already trained {steps} steps)")
+    else:
+        run_training(recipe_path, gpu)
+    before, after = perplexities(run_dir)
+
+    _stage("4/5 convert: DeepSpeed checkpoint -> Hugging Face directory")
+    if (model_dir / "kolm_export.json").is_file():
+        _note(f"reusing {model_dir} (already converted)")
+    else:
+        report = convert(str(run_dir), str(model_dir), dtype="bf16" if gpu else "fp32")
+        _note(f"wrote {model_dir}; logits match the checkpoint (max error {report['max_logit_error']:.2e})")
+
+    _stage(f"5/5 generate: pipeline('text-generation') from {PROMPT!r}")
+    text = generate(str(model_dir), [PROMPT], max_new_tokens=max_new_tokens)[0]
+
+    result = {"tokenizer": str(tok_dir), "shards": str(shard_dir), "recipe": str(recipe_path),
+              "run": str(run_dir), "model": str(model_dir), "perplexity_before": before,
+              "perplexity_after": after, "generated": text}
+    _stage(f"done in {time.perf_counter() - started:.0f} s")
+    print(f"generated: {text}")
+    print(f"validation perplexity: {before:,.1f} before training -> {after:,.1f} after")
+    for key in ("tokenizer", "shards", "recipe", "run", "model"):
+        print(f"{key:>10}: {result[key]}")
+    print(f"next: kolm report {run_dir}    kolm generate {model_dir} \"{PROMPT}\"")
     return result

@@ -27,8 +27,9 @@ PEAK_TFLOPS = {
 
 def device_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> tuple[float, str]:
     """(peak FLOP/s, how it was obtained) for this process's device: the data-sheet bf16 peak
-    for known GPUs, else a matmul measured in the training dtype (on CPUs without native bf16,
-    bf16 runs far below fp32, so the dtype matters)."""
+    for known GPUs, else the best measured matmul. On a CPU that is the faster of fp32 and the
+    training dtype: CPUs without native bf16 emulate it far below their fp32 peak, and MFU
+    measures against what the hardware can do, not against the slow path."""
     kind = str(dtype).replace("torch.", "")
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -37,7 +38,9 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float =
                 return tflops * 1e12, f"{name}, data sheet {tflops:g} TFLOP/s bf16"
         return measured_matmul_flops(device, dtype, seconds), f"{name}, measured {kind} matmul"
     threads = torch.get_num_threads()
-    return measured_matmul_flops(device, dtype, seconds), f"CPU, {threads} threads, measured {kind} matmul"
+    candidates = {str(d).replace("torch.", ""): d for d in (dtype, torch.float32)}
+    best = max((measured_matmul_flops(device, d, seconds / len(candidates), n=512), k) for k, d in candidates.items())
+    return best[0], f"CPU, {threads} threads, measured {best[1]} matmul"
 
 
 def measured_matmul_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16, seconds: float = 1.0,
