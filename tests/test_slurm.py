@@ -149,9 +149,9 @@ def test_submit_rejects_a_bad_recipe_before_queueing(tmp_path, cluster, shards, 
     assert not (tmp_path / "logs").exists()
 
 
-def _shard_files(out: Path) -> dict[str, str]:
+def _shard_files(out: Path) -> dict[str, tuple[str, str]]:
     manifest = json.loads((out / "manifest.json").read_text())
-    return {s["path"]: s["sha256"] for s in manifest["shards"]}
+    return {s["path"]: (s["bin_sha256"], s["idx_sha256"]) for s in manifest["shards"]}
 
 
 def test_array_sharding_job_matches_a_single_run(tmp_path, cluster, korean_corpus, tokenizer_dir, shards):
@@ -159,8 +159,8 @@ def test_array_sharding_job_matches_a_single_run(tmp_path, cluster, korean_corpu
     array = sbatch(cluster, "--array=0-1", "--cpus-per-task=1", REPO / "slurm/shard.sbatch", "--input",
                    korean_corpus, "--tokenizer", tokenizer_dir, "--out", out, "--valid-fraction", "0.05",
                    cwd=tmp_path)
-    merge = sbatch(cluster, f"--dependency=afterok:{array}", REPO / "slurm/shard.sbatch", "merge", out,
-                   cwd=tmp_path)
+    merge = sbatch(cluster, f"--dependency=afterok:{array}", "--cpus-per-task=1", REPO / "slurm/shard.sbatch",
+                   "merge", out, cwd=tmp_path)
     info = wait_job(cluster, merge, finished, 300, "merge the array's shards", tmp_path / f"kolm-shard-{merge}.out")
     logs = "".join(p.read_text() for p in tmp_path.glob("kolm-shard-*.out"))
     assert info["JobState"] == "COMPLETED", logs[-3000:]
