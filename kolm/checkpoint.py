@@ -162,6 +162,8 @@ def to_universal(ckpt: Checkpoint, say: Callable[[str], None]) -> Path:
 def prune(ckpt_dir: Path, keep: int, say: Callable[[str], None]) -> None:
     """Keep the newest ``keep`` complete checkpoints and the best by eval loss; remove older
     ones and interrupted saves older than the newest complete checkpoint. Rank 0 only."""
+    for stale in ckpt_dir.glob(".deleting-*"):  # a removal that was interrupted
+        shutil.rmtree(stale, ignore_errors=True)
     complete = complete_checkpoints(ckpt_dir)
     if not complete:
         return

@@ -6,6 +6,7 @@ after training."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -70,7 +71,8 @@ def run_training(recipe: Path, gpu: bool) -> None:
           f"-m kolm train --config {recipe}")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
                "-m", "kolm", "train", "--config", str(recipe)]
-    code = subprocess.run(command, env=env).returncode
+    # Its log goes to stderr with the other stages; stdout is left for the results.
+    code = subprocess.run(command, env=env, stdout=sys.stderr).returncode
     if code != 0:
         raise KolmError(f"training exited with status {code} (see its output above); "
                         "run `kolm demo` again to resume from the last checkpoint")
@@ -128,11 +130,15 @@ def run_demo(out: str, corpus: list[str] | None = None, vocab_size: int = 8000, 
     if (model_dir / "kolm_export.json").is_file():
         _note(f"reusing {model_dir} (already converted)")
     else:
-        report = convert(str(run_dir), str(model_dir), dtype="bf16" if gpu else "fp32")
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is left for the results
+            report = convert(str(run_dir), str(model_dir), dtype="bf16" if gpu else "fp32")
         _note(f"wrote {model_dir}; logits match the checkpoint (max error {report['max_logit_error']:.2e})")
 
     _stage(f"5/5 generate: pipeline('text-generation') from {PROMPT!r}")
-    text = generate(str(model_dir), [PROMPT], max_new_tokens=max_new_tokens)[0]
+    with contextlib.redirect_stdout(sys.stderr):
+        # The bundled texts are short lines: without a minimum the model often ends after a few words.
+        text = generate(str(model_dir), [PROMPT], max_new_tokens=max_new_tokens,
+                        min_new_tokens=max_new_tokens // 2)[0]
 
     result = {"tokenizer": str(tok_dir), "shards": str(shard_dir), "recipe": str(recipe_path),
               "run": str(run_dir), "model": str(model_dir), "perplexity_before": before,

@@ -20,7 +20,8 @@ def load_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
 
 
 def generate(model_dir: str, prompts: list[str], max_new_tokens: int = 64, repetition_penalty: float = 2.0,
-             do_sample: bool = True, temperature: float = 0.8, top_p: float = 0.95, seed: int = 0) -> list[str]:
+             do_sample: bool = True, temperature: float = 0.8, top_p: float = 0.95, seed: int = 0,
+             min_new_tokens: int = 0) -> list[str]:
     """Continue each prompt with the model (on the GPU when there is one)."""
     import torch
     from transformers import pipeline, set_seed
@@ -31,6 +32,7 @@ def generate(model_dir: str, prompts: list[str], max_new_tokens: int = 64, repet
     device = 0 if torch.cuda.is_available() else -1
     pipe = pipeline("text-generation", model=model_dir, device=device)
     sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
-    outputs = pipe(prompts, max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
+    outputs = pipe(prompts, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                   repetition_penalty=repetition_penalty,
                    do_sample=do_sample, **sampling)
     return [o[0]["generated_text"] for o in outputs]
