@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kolm.errors import KolmError
 from kolm.files import atomic_write_bytes, atomic_write_json, read_json
 
 MARKER = "kolm_complete.json"
@@ -79,7 +80,13 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Checkpoint]:
 
 
 def find_resume(ckpt_dir: Path, say: Callable[[str], None]) -> Checkpoint | None:
-    """The newest complete checkpoint, telling the user about any newer one it had to skip."""
+    """The newest complete checkpoint, telling the user about any newer one it had to skip (and
+    about a `latest` file that names a missing or incomplete one: kolm never trusts it)."""
+    latest = ckpt_dir / "latest"
+    if latest.is_file():
+        named = latest.read_text(errors="replace").strip()
+        if not (ckpt_dir / named).is_dir() or why_incomplete(ckpt_dir / named) is not None:
+            say(f"{latest} names {named!r}, which is missing or incomplete; ignoring it")
     for step, path in _tagged_dirs(ckpt_dir):
         problem = why_incomplete(path)
         if problem is None:
@@ -110,6 +117,11 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank: int, barri
     `latest` at the new tag."""
     tag = tag_for(step)
     path = ckpt_dir / tag
+    if rank == 0 and path.exists():
+        # Left by an interrupted save of this step (resume always starts below it): start clean,
+        # so that no stale file, and no stale marker, mixes into the new checkpoint.
+        _remove(path)
+    barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     rng_file = path / f"rng_rank{rank}.pt"
     tmp = rng_file.with_suffix(".tmp")
@@ -117,11 +129,23 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, rank: int, barri
     os.replace(tmp, rng_file)
     barrier()
     if rank == 0:
-        files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
+        files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*"))
+                 if f.is_file() and f.name != MARKER}
         atomic_write_json(path / MARKER, {"step": step, "files": files, **marker_extra})
         atomic_write_bytes(ckpt_dir / "latest", tag.encode())
     barrier()
     return path
+
+
+def write_failed(ckpt_dir: Path, step: int, error: BaseException) -> KolmError:
+    """The error for a save that failed (a full disk, usually): what broke, and that nothing is lost."""
+    free = shutil.disk_usage(ckpt_dir).free if ckpt_dir.exists() else 0
+    done = complete_checkpoints(ckpt_dir)
+    kept = f"The newest complete checkpoint, {done[0].path.name}, is intact" if done else "No checkpoint is complete"
+    return KolmError(
+        f"writing checkpoint {tag_for(step)} in {ckpt_dir} failed ({error}); {free / 2**20:.1f} MiB free there. "
+        f"{kept}: free space (or lower keep_checkpoints) and re-run the same command to resume"
+    )
 
 
 def load_rng(path: Path, rank: int) -> bool:
@@ -174,10 +198,16 @@ def prune(ckpt_dir: Path, keep: int, say: Callable[[str], None]) -> None:
     for step, path in _tagged_dirs(ckpt_dir):
         if path in keep_paths or step >= newest:
             continue
-        trash = path.with_name(f".deleting-{path.name}")
-        os.replace(path, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        _remove(path)
         say(f"removed old checkpoint {path.name}")
+
+
+def _remove(path: Path) -> None:
+    """Rename, then delete: an interrupted removal leaves a `.deleting-*` directory, never a
+    half-deleted checkpoint under its own name."""
+    trash = path.with_name(f".deleting-{path.name}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def best_checkpoint(ckpt_dir: Path) -> Checkpoint | None:

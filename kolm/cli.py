@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
@@ -172,6 +173,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     except KolmError as e:
         print(f"kolm: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        print(f"kolm: error: no space left on the device writing {e.filename or 'a file'}; free space and re-run "
+              "the same command (finished shards and complete checkpoints are untouched; it resumes)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("kolm: interrupted; re-run the same command to continue", file=sys.stderr)

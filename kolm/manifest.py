@@ -14,6 +14,21 @@ from kolm.indexed import open_tokens, read_index
 
 FORMAT = "kolm-shards"
 SPLITS = ("train", "valid")
+CHECKSUM = "checksum"
+
+
+def manifest_checksum(manifest: dict) -> str:
+    """sha256 of the manifest's content without its own checksum (canonical JSON)."""
+    import hashlib
+    import json
+
+    body = {k: v for k, v in manifest.items() if k != CHECKSUM}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def seal(manifest: dict) -> dict:
+    """The manifest with its checksum, so that a hand edit is caught when it is loaded."""
+    return {**manifest, CHECKSUM: manifest_checksum(manifest)}
 
 
 @dataclass
@@ -56,6 +71,12 @@ def load_shard_dir(path: str | os.PathLike) -> ShardDir:
     required = ("format", "tokenizer", "dtype", "shards", "splits")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or any(k not in manifest for k in required):
         raise KolmError(f"{mf}: not a kolm shard manifest (missing {', '.join(required)})")
+    if manifest.get(CHECKSUM) != manifest_checksum(manifest):
+        raise KolmError(
+            f"{mf} was changed after `kolm shard` wrote it (its checksum does not match its content): the "
+            "counts and hashes it lists can no longer be trusted. Restore the original file, or rebuild "
+            "with `kolm shard --overwrite` (or `kolm shard merge` when .work/ is still there)"
+        )
     return ShardDir(p, manifest)
 
 

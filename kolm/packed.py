@@ -31,6 +31,10 @@ class PackedDataset:
         dtype = self.shard_dir.dtype
         self._tokens = []
         for e in entries:
+            index = self.shard_dir.shard_path(e, ".idx")
+            if not index.is_file():
+                raise KolmError(f"{index}: missing (every shard is a .bin and an .idx); restore it or rebuild with "
+                                f"`kolm shard --overwrite`; `kolm shard verify {self.shard_dir.path}` checks the rest")
             path = self.shard_dir.shard_path(e, ".bin")
             if not path.is_file() or path.stat().st_size != e["bin_bytes"]:
                 raise KolmError(

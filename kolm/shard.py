@@ -47,6 +47,7 @@ from kolm.corpus import (
 from kolm.errors import KolmError
 from kolm.files import atomic_write_json, fsync_dir, read_json, sha256_file, sha256_update
 from kolm.indexed import token_dtype, write_index
+from kolm.manifest import seal
 from kolm.tokenizer import TokenizerInfo, load_tokenizer_info
 
 SPLITS = ("train", "valid")
@@ -619,6 +620,7 @@ def finalize(out: str | os.PathLike) -> dict:
     manifest["corpus"] = _corpus_totals(stats, manifest["splits"])
     if manifest["corpus"]["documents"] == 0:
         raise KolmError("the corpus holds no text: every line was empty or skipped")
+    manifest = seal(manifest)
     atomic_write_json(out / "manifest.json", manifest)
     return manifest
 

@@ -136,6 +136,25 @@ def _param_groups(model: torch.nn.Module, cfg: RunConfig) -> list[dict]:
     return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def check_resumable(ckpt: checkpoint.Checkpoint, cfg: RunConfig, plan: Plan) -> None:
+    """Refuse, before any engine starts, a checkpoint of a different model or different data."""
+    saved, mine = ckpt.marker.get("model_config"), plan.model_config_dict
+    if saved is not None and saved != mine:
+        keys = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+        shown = ", ".join(f"{k} {saved.get(k)!r} vs {mine.get(k)!r}" for k in keys[:4])
+        raise KolmError(
+            f"{cfg.run_dir} holds a run of a different model ({shown}; checkpoint vs recipe): "
+            "use a new run_dir for this recipe, or the recipe that run was started with"
+        )
+    saved_fp = ckpt.marker.get("data_fingerprint")
+    if saved_fp is not None and saved_fp != plan.train.fingerprint and not cfg.ignore_data_fingerprint:
+        diffs = [k for k in saved_fp if saved_fp.get(k) != plan.train.fingerprint.get(k)]
+        raise KolmError(
+            f"{ckpt.path} was trained on different data ({', '.join(diffs)} differ); use the original data, "
+            "a new run_dir, or pass ignore_data_fingerprint=true to continue anyway"
+        )
+
+
 def restore(engine, cfg: RunConfig, plan: Plan, ckpt: checkpoint.Checkpoint) -> TrainState:
     """Load a checkpoint and check it belongs to this run's data."""
     universal = ckpt.marker.get("world_size") != plan.env.world_size
@@ -180,6 +199,8 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         resume = checkpoint.find_resume(self.ckpt_dir, say)
+        if resume:
+            check_resumable(resume, cfg, self.plan)
         self.engine, ds_config = start_engine(cfg, self.plan, resume)
         self.device = self.engine.device
         self.rank0 = self.plan.env.is_main
@@ -267,7 +288,11 @@ class Trainer:
                  "model_config": self.plan.model_config_dict, "seq_len": self.cfg.seq_len,
                  "tokenizer": str(Path(self.cfg.tokenizer).resolve()),
                  "data_fingerprint": self.plan.train.fingerprint}
-        checkpoint.save(self.engine, self.ckpt_dir, self.state.step, client, self.plan.env.rank, dist.barrier, extra)
+        try:
+            checkpoint.save(self.engine, self.ckpt_dir, self.state.step, client, self.plan.env.rank, dist.barrier,
+                            extra)
+        except (OSError, RuntimeError) as e:
+            raise checkpoint.write_failed(self.ckpt_dir, self.state.step, e) from e
         if self.rank0:
             checkpoint.prune(self.ckpt_dir, self.cfg.keep_checkpoints, say)
         self.restart_clock()
