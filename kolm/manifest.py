@@ -71,7 +71,8 @@ def load_shard_dir(path: str | os.PathLike) -> ShardDir:
     required = ("format", "tokenizer", "dtype", "shards", "splits")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or any(k not in manifest for k in required):
         raise KolmError(f"{mf}: not a kolm shard manifest (missing {', '.join(required)})")
-    if manifest.get(CHECKSUM) != manifest_checksum(manifest):
+    # Manifests written before the checksum existed have none; every newer one must match it.
+    if CHECKSUM in manifest and manifest[CHECKSUM] != manifest_checksum(manifest):
         raise KolmError(
             f"{mf} was changed after `kolm shard` wrote it (its checksum does not match its content): the "
             "counts and hashes it lists can no longer be trusted. Restore the original file, or rebuild "

@@ -200,11 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"submitted job {job.job_id}")
     print(f"  logs:    {folder}/{job.job_id}_0_log.out (and _log.err; one pair per task)")
     print(f"  follow:  tail -f {folder}/{job.job_id}_0_log.err")
-    print(f"  status:  squeue -j {job.job_id}    cancel: scancel {job.job_id}")
+    if type(job).__name__ == "SlurmJob":
+        print(f"  status:  squeue -j {job.job_id}    cancel: scancel {job.job_id}")
     if not args.wait:
         return 0
     try:
-        result = job.result()
+        result = job.results()[0]  # one result per task; global rank 0 speaks for the job
     except Exception as e:  # submitit re-raises the task's failure with its traceback
         print(f"job {job.job_id} failed: {e}", file=sys.stderr)
         return 1

@@ -1,0 +1,29 @@
+"""`python -m launch.submit --cluster local`: the submitit launcher without Slurm, 2 local tasks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from dist import train_records, write_recipe
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_submit_local_runs_two_tasks_to_completion(tmp_path, shards, tokenizer_dir):
+    recipe = write_recipe(tmp_path / "recipe.yaml", shards, tokenizer_dir, tmp_path / "run", train_steps=6)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "launch.submit", "--config", str(recipe), "--cluster", "local",
+                           "--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1",
+                           "--log-dir", str(tmp_path / "logs"), "--wait"],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    job_id = proc.stdout.split()[2]
+    assert f"job {job_id}: finished" in proc.stdout and "squeue" not in proc.stdout
+    log = (tmp_path / "logs" / job_id / f"{job_id}_0_log.err").read_text()
+    assert "2 ranks x micro batch" in log
+    assert [r["step"] for r in train_records(tmp_path / "run")] == list(range(1, 7))
