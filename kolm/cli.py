@@ -56,15 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--tokenizer", required=True, help="tokenizer directory")
     shard.add_argument("--out", required=True, help="output shard directory")
     shard.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
-    shard.add_argument("--valid-fraction", type=float, default=0.001)
-    shard.add_argument("--max-shard-tokens", type=_size, default=1 << 28, help="tokens per shard at most (about)")
-    shard.add_argument("--unit-bytes", type=_size, default=256 << 20, help="input bytes per work unit")
+    shard.add_argument("--valid-fraction", type=float, default=None, help="held-out share (default 0.001)")
+    shard.add_argument("--max-shard-tokens", type=_size, default=None, help="tokens per shard at most (about)")
+    shard.add_argument("--unit-bytes", type=_size, default=None, help="input bytes per work unit")
     shard.add_argument("--num-tasks", type=int, default=None, help="array tasks (default: SLURM_ARRAY_TASK_COUNT or 1)")
     shard.add_argument("--task-index", type=int, default=None, help="this task (default: from SLURM_ARRAY_TASK_ID)")
     shard.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     shard.add_argument("--checkpoint-seconds", type=float, default=10.0, help=argparse.SUPPRESS)
-    shard.add_argument("--chunk-docs", type=int, default=1024, help=argparse.SUPPRESS)
-    shard.add_argument("--piece-bytes", type=_size, default=1 << 20, help=argparse.SUPPRESS)
+    shard.add_argument("--chunk-docs", type=int, default=None, help=argparse.SUPPRESS)
+    shard.add_argument("--piece-bytes", type=_size, default=None, help=argparse.SUPPRESS)
     shard.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     train = sub.add_parser("train", help="train a Phi model with DeepSpeed (under any launcher)")
@@ -278,11 +278,10 @@ def _shard(args: argparse.Namespace) -> int:
     from kolm.shard import ShardOptions, default_task, run_shard
 
     num_tasks, task_index = default_task()
-    options = ShardOptions(
-        valid_fraction=args.valid_fraction, text_field=args.text_field,
-        skip_malformed=args.skip_malformed, max_shard_tokens=args.max_shard_tokens,
-        unit_bytes=args.unit_bytes, chunk_docs=args.chunk_docs, piece_bytes=args.piece_bytes,
-    )
+    # Defaults live in ShardOptions; the command line only overrides what it was given.
+    given = {name: getattr(args, name) for name in ("valid_fraction", "max_shard_tokens", "unit_bytes", "chunk_docs",
+                                                    "piece_bytes") if getattr(args, name) is not None}
+    options = ShardOptions(text_field=args.text_field, skip_malformed=args.skip_malformed, **given)
     start = time.perf_counter()
     manifest = run_shard(
         args.input, args.tokenizer, args.out, options, workers=args.workers,

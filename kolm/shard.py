@@ -66,7 +66,7 @@ class ShardOptions:
     skip_malformed: bool = False
     max_shard_tokens: int = 1 << 28
     unit_bytes: int = 256 << 20
-    chunk_docs: int = 1024
+    chunk_docs: int = 4096  # per chunk sent to a worker (and at most chunk_bytes of text)
     chunk_bytes: int = 1 << 20
     piece_bytes: int = 1 << 20
 
@@ -125,12 +125,13 @@ def tokenize_chunk(chunk: Chunk) -> dict:
     ids = {s: [] for s in SPLITS}
     lengths = {s: [] for s in SPLITS}
     chars = dict.fromkeys(SPLITS, 0)
-    eos = _worker["eos"]
+    eos, hashed = _worker["eos"], _worker["threshold"] > 0
     for text, enc in zip(texts, _worker["tok"].encode_batch_fast(texts, add_special_tokens=False)):
-        split = _split_of(text)
-        ids[split].extend(enc.ids)
-        ids[split].append(eos)
-        lengths[split].append(len(enc.ids) + 1)
+        doc = enc.ids  # a fresh list per call: EOS can go on in place
+        doc.append(eos)
+        split = _split_of(text) if hashed else "train"
+        ids[split].extend(doc)
+        lengths[split].append(len(doc))
         chars[split] += len(text)
     dtype = _worker["dtype"]
     docs = {s: (np.array(ids[s], dtype=dtype), np.array(lengths[s], dtype=np.int32), chars[s]) for s in SPLITS}
