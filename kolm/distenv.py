@@ -97,3 +97,14 @@ def export(d: DistEnv) -> None:
         RANK=str(d.rank), WORLD_SIZE=str(d.world_size), LOCAL_RANK=str(d.local_rank),
         MASTER_ADDR=d.master_addr, MASTER_PORT=str(d.master_port),
     )
+
+
+def start_process_group(say=print) -> None:
+    """DeepSpeed's process group on this accelerator's backend, its start-up ops loaded first."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    from kolm.jitops import load_start_up_ops
+
+    load_start_up_ops(say)
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)

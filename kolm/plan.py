@@ -211,7 +211,7 @@ def measure(model: str, vocab: int, seq_len: int, micro_batch: int, zero_stage: 
     from deepspeed.accelerator import get_accelerator
     from transformers import PhiForCausalLM
 
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
+    distenv.start_process_group()
     on_cpu = get_accelerator().device_name() == "cpu"
     cfg = RunConfig(model=model, seq_len=seq_len, global_batch=micro_batch, micro_batch=micro_batch,
                     zero_stage=zero_stage, precision="bf16", warmup_steps=1, activation_checkpointing=checkpointing)

@@ -110,7 +110,7 @@ def start_engine(cfg: RunConfig, plan: Plan, resume: checkpoint.Checkpoint | Non
     from deepspeed.accelerator import get_accelerator
     from transformers import PhiForCausalLM
 
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
+    distenv.start_process_group(say)
     on_cpu = get_accelerator().device_name() == "cpu"
     if not on_cpu:
         get_accelerator().set_device(plan.env.local_rank)

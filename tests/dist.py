@@ -65,9 +65,13 @@ class Ranks:
                     env=env, stdout=log, stderr=subprocess.STDOUT, **group))
 
     def wait(self, timeout: float = 600) -> list[int]:
+        """Exit codes; on a timeout every rank is killed and the test fails with their output."""
         deadline = time.monotonic() + timeout
-        codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in self.procs]
-        return codes
+        try:
+            return [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in self.procs]
+        except subprocess.TimeoutExpired:
+            self.kill_all()
+            raise AssertionError(f"ranks still running after {timeout:.0f}s:\n{self.output()[-3000:]}") from None
 
     def signal_rank(self, rank: int, sig: int) -> None:
         self.procs[rank].send_signal(sig)

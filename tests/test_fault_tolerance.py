@@ -201,6 +201,22 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, finished
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
+def test_a_lock_left_by_a_start_killed_while_loading_ops_does_not_hang_the_next(tmp_path, shards, tokenizer_dir):
+    # torch's build lock, as a rank SIGKILLed while loading DeepSpeed's shared-memory op leaves it;
+    # before kolm loaded the ops itself, every later start waited on it forever.
+    from torch.utils.cpp_extension import _get_build_directory
+
+    baton = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "lock"
+    baton.touch()
+    recipe = write_recipe(tmp_path / "r.yaml", shards, tokenizer_dir, tmp_path / "run", train_steps=2, save_every=2)
+    try:
+        codes, out = run_ranks(2, recipe, log_dir=tmp_path / "logs", timeout=300)
+    finally:
+        baton.unlink(missing_ok=True)
+    assert codes == [0, 0], out[-3000:]
+    assert "left by a process killed while loading a DeepSpeed op" in out
+
+
 def test_slurm_script_outside_a_job_says_which_variable(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     proc = subprocess.run(["bash", str(REPO / "slurm/pretrain.sbatch"), "recipes/tiny-cpu.yaml"], env=env,

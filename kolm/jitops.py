@@ -1,0 +1,69 @@
+"""DeepSpeed's just-in-time built ops, loaded so that a killed process cannot wedge later runs.
+
+torch guards every extension load with a bare lock file in the build folder, taken even when
+nothing needs building. A process killed inside that window (preemption, a time limit, the OOM
+killer, a user's Ctrl-C twice) leaves the file behind, and from then on every DeepSpeed start on
+that machine, or on every node sharing that home directory, waits on it forever without a word.
+
+kolm loads the ops itself before the process group exists, one process at a time, under an
+`flock` that the kernel drops when its holder dies. Inside it no other kolm process can be
+loading, so a torch lock file found there was left by a dead process and is removed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+# The ops DeepSpeed builds at start-up on the accelerators kolm runs on (CPU: shared-memory
+# collectives). Ops that are missing or incompatible here are skipped, as DeepSpeed does.
+START_UP_OPS = ("ShareMemCommBuilder",)
+GUARD_NAME = ".kolm-jit.lock"
+
+
+def extensions_root() -> Path:
+    """Where torch builds extensions: $TORCH_EXTENSIONS_DIR, else its per-user cache."""
+    configured = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if configured:
+        return Path(configured)
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(get_default_build_root())
+
+
+@contextmanager
+def exclusive(root: Path) -> Iterator[None]:
+    """Hold kolm's guard on ``root``; released by the kernel if this process dies."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / GUARD_NAME, "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(guard, fcntl.LOCK_UN)
+
+
+def stale_batons(root: Path) -> list[Path]:
+    """torch's lock files under ``root`` (one per extension, one or two folders down)."""
+    return sorted(p for pattern in ("*/lock", "*/*/lock") for p in root.glob(pattern) if p.is_file())
+
+
+def load_start_up_ops(say=print) -> None:
+    """Build or load DeepSpeed's start-up ops now, so init_distributed finds them loaded."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    builders = [get_accelerator().create_op_builder(name) for name in START_UP_OPS]
+    builders = [b for b in builders if b is not None and deepspeed.ops.__compatible_ops__.get(b.NAME, False)]
+    if not builders:
+        return
+    root = extensions_root()
+    with exclusive(root):
+        for baton in stale_batons(root):
+            say(f"removing {baton}, left by a process killed while loading a DeepSpeed op")
+            baton.unlink(missing_ok=True)
+        for builder in builders:
+            builder.load(verbose=False)
