@@ -99,12 +99,12 @@ def export(d: DistEnv) -> None:
     )
 
 
-def start_process_group(say=print) -> None:
+def start_process_group() -> None:
     """DeepSpeed's process group on this accelerator's backend, its start-up ops loaded first."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     from kolm.jitops import load_start_up_ops
 
-    load_start_up_ops(say)
+    load_start_up_ops()
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,7 +52,7 @@ def stale_batons(root: Path) -> list[Path]:
     return sorted(p for pattern in ("*/lock", "*/*/lock") for p in root.glob(pattern) if p.is_file())
 
 
-def load_start_up_ops(say=print) -> None:
+def load_start_up_ops() -> None:
     """Build or load DeepSpeed's start-up ops now, so init_distributed finds them loaded."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
@@ -63,7 +64,9 @@ def load_start_up_ops(say=print) -> None:
     root = extensions_root()
     with exclusive(root):
         for baton in stale_batons(root):
-            say(f"removing {baton}, left by a process killed while loading a DeepSpeed op")
+            # Said by whichever rank gets here first, not only rank 0: it concerns this machine.
+            print(f"kolm: removing {baton}, left by a process killed while loading a DeepSpeed op",
+                  file=sys.stderr, flush=True)
             baton.unlink(missing_ok=True)
         for builder in builders:
             builder.load(verbose=False)

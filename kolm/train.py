@@ -110,7 +110,7 @@ def start_engine(cfg: RunConfig, plan: Plan, resume: checkpoint.Checkpoint | Non
     from deepspeed.accelerator import get_accelerator
     from transformers import PhiForCausalLM
 
-    distenv.start_process_group(say)
+    distenv.start_process_group()
     on_cpu = get_accelerator().device_name() == "cpu"
     if not on_cpu:
         get_accelerator().set_device(plan.env.local_rank)
