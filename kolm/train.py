@@ -147,12 +147,20 @@ def check_resumable(ckpt: checkpoint.Checkpoint, cfg: RunConfig, plan: Plan) -> 
             "use a new run_dir for this recipe, or the recipe that run was started with"
         )
     saved_fp = ckpt.marker.get("data_fingerprint")
-    if saved_fp is not None and saved_fp != plan.train.fingerprint and not cfg.ignore_data_fingerprint:
-        diffs = [k for k in saved_fp if saved_fp.get(k) != plan.train.fingerprint.get(k)]
-        raise KolmError(
-            f"{ckpt.path} was trained on different data ({', '.join(diffs)} differ); use the original data, "
-            "a new run_dir, or pass ignore_data_fingerprint=true to continue anyway"
-        )
+    if saved_fp is not None:
+        check_same_data(ckpt, saved_fp, plan, cfg)
+
+
+def check_same_data(ckpt: checkpoint.Checkpoint, saved_fp: dict, plan: Plan, cfg: RunConfig) -> None:
+    """Refuse a checkpoint whose data fingerprint differs, naming what differs in a fixed order."""
+    mine = plan.train.fingerprint
+    if saved_fp == mine or cfg.ignore_data_fingerprint:
+        return
+    diffs = [k for k in mine if saved_fp.get(k) != mine[k]] + sorted(set(saved_fp) - set(mine))
+    raise KolmError(
+        f"{ckpt.path} was trained on different data ({', '.join(diffs)} differ); use the original data, "
+        "a new run_dir, or pass ignore_data_fingerprint=true to continue anyway"
+    )
 
 
 def restore(engine, cfg: RunConfig, plan: Plan, ckpt: checkpoint.Checkpoint) -> TrainState:
@@ -164,13 +172,7 @@ def restore(engine, cfg: RunConfig, plan: Plan, ckpt: checkpoint.Checkpoint) -> 
         _, client = engine.load_checkpoint(str(ckpt.path.parent), tag=ckpt.tag)
     if client is None:
         raise KolmError(f"{ckpt.path}: DeepSpeed could not load it; remove it to fall back to an earlier one")
-    saved_fp = client["data_fingerprint"]
-    if saved_fp != plan.train.fingerprint and not cfg.ignore_data_fingerprint:
-        diffs = [k for k in saved_fp if saved_fp.get(k) != plan.train.fingerprint.get(k)]
-        raise KolmError(
-            f"{ckpt.path} was trained on different data ({', '.join(diffs)} differ); use the original data, "
-            "a new run_dir, or pass ignore_data_fingerprint=true to continue anyway"
-        )
+    check_same_data(ckpt, client["data_fingerprint"], plan, cfg)
     if not checkpoint.load_rng(ckpt.path, plan.env.rank):
         say(f"{ckpt.tag} has no RNG state for rank {plan.env.rank}; continuing with a fresh one")
     return TrainState(**client["kolm_state"])
