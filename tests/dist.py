@@ -93,6 +93,14 @@ def run_ranks(n: int, recipe: Path, *overrides: str, log_dir: Path, timeout: flo
     return codes, ranks.output()
 
 
+def train_to_end(root: Path, shards: Path, tokenizer: Path, **overrides) -> Path:
+    """A run on 2 ranks from ``root/recipe.yaml`` into ``root/run``, asserted to finish; the recipe."""
+    recipe = write_recipe(root / "recipe.yaml", shards, tokenizer, root / "run", **overrides)
+    codes, out = run_ranks(2, recipe, log_dir=root / "logs")
+    assert codes == [0, 0], out[-3000:]
+    return recipe
+
+
 def train_records(run_dir: Path, kind: str = "train") -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 from conftest import run_kolm
-from dist import run_ranks, write_recipe
+from dist import run_ranks, train_to_end
 
 from kolm.checkpoint import MARKER
 
@@ -24,10 +24,7 @@ PROMPT = "밥을 먹고 나면 늘 하는 생각이 있는데"
 @pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
 def run(request, tmp_path_factory, shards, tokenizer_dir):
     root = tmp_path_factory.mktemp(f"zero{request.param}")
-    recipe = write_recipe(root / "r.yaml", shards, tokenizer_dir, root / "run", zero_stage=request.param,
-                          train_steps=6, save_every=3, eval_every=3)
-    codes, out = run_ranks(2, recipe, log_dir=root / "logs")
-    assert codes == [0, 0], out[-3000:]
+    train_to_end(root, shards, tokenizer_dir, zero_stage=request.param, train_steps=6, save_every=3, eval_every=3)
     return root
 
 
@@ -56,8 +53,8 @@ def test_converted_model_matches_engine_and_generates_offline(run, tmp_path):
     script.write_text(ENGINE_LOGITS)
     dumped = tmp_path / "engine.pt"
     # Resuming the finished run in a fresh engine gives the DeepSpeed model's own logits.
-    codes, log = run_ranks(2, run / "r.yaml", log_dir=tmp_path / "logs", argv=[str(script), str(run / "r.yaml"),
-                                                                               str(dumped)])
+    recipe = run / "recipe.yaml"
+    codes, log = run_ranks(2, recipe, log_dir=tmp_path / "logs", argv=[str(script), str(recipe), str(dumped)])
     assert codes == [0, 0], log[-3000:]
     engine = torch.load(dumped)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_kolm
-from dist import run_ranks, train_records, write_recipe
+from dist import run_ranks, train_records, train_to_end, write_recipe
 
 from kolm.checkpoint import complete_checkpoints, find_resume, why_incomplete
 from kolm.corpus import bundled_corpus_files
@@ -38,10 +38,7 @@ def _snapshot(root: Path) -> dict[str, str]:
 def finished_run(tmp_path_factory, shards, tokenizer_dir):
     """A finished 12-step run on 2 ranks with checkpoints at steps 4, 8 and 12."""
     root = tmp_path_factory.mktemp("finished")
-    recipe = write_recipe(root / "recipe.yaml", shards, tokenizer_dir, root / "run", **RUN)
-    codes, out = run_ranks(2, recipe, log_dir=root / "logs")
-    assert codes == [0, 0], out[-3000:]
-    return root / "run", recipe
+    return root / "run", train_to_end(root, shards, tokenizer_dir, **RUN)
 
 
 @pytest.fixture

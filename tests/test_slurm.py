@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from dist import run_ranks, train_records, write_recipe
+from dist import train_records, train_to_end, write_recipe
 from slurm_cluster import REPO, finished, job, restarted, sbatch, scontrol, start_cluster, wait_job
 
 from kolm.checkpoint import complete_checkpoints
@@ -36,9 +36,7 @@ def cluster() -> dict:
 def reference(tmp_path_factory, shards, tokenizer_dir):
     """The same run, uninterrupted, on 2 local ranks: what every Slurm run must reproduce."""
     root = tmp_path_factory.mktemp("slurm-reference")
-    recipe = write_recipe(root / "recipe.yaml", shards, tokenizer_dir, root / "run", **SLURM_RUN)
-    codes, out = run_ranks(2, recipe, log_dir=root / "logs")
-    assert codes == [0, 0], out[-3000:]
+    train_to_end(root, shards, tokenizer_dir, **SLURM_RUN)
     return root / "run"
 
 

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from dist import Ranks, run_ranks, train_records, wait_for, write_recipe
+from dist import Ranks, run_ranks, train_records, train_to_end, wait_for, write_recipe
 
 from kolm.checkpoint import MARKER, complete_checkpoints
 from kolm.signals import EXIT_REQUEUE
@@ -22,11 +22,8 @@ pytestmark = pytest.mark.slow
 def reference(tmp_path_factory, shards, tokenizer_dir):
     """An uninterrupted 12-step ZeRO-2 run on 2 ranks: the baseline for the resume tests."""
     root = tmp_path_factory.mktemp("reference")
-    run_dir = root / "run"
-    recipe = write_recipe(root / "recipe.yaml", shards, tokenizer_dir, run_dir)
-    codes, out = run_ranks(2, recipe, log_dir=root / "logs")
-    assert codes == [0, 0], out[-3000:]
-    return run_dir
+    train_to_end(root, shards, tokenizer_dir)
+    return root / "run"
 
 
 def _losses(run_dir):
