@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the whole line on the bundled Korean corpus")
     demo.add_argument("--corpus", nargs="+", default=None, help="your own corpus instead of the bundled one")
-    demo.add_argument("--out", default="kolm-demo", help="where everything is written (default: ./kolm-demo)")
+    demo.add_argument("--out", default=None,
+                      help="where everything is written (default: ./kolm-demo, or ./kolm-demo-NAME with --corpus)")
     demo.add_argument("--vocab-size", type=int, default=8000)
     demo.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
     demo.add_argument("--max-new-tokens", type=int, default=40)

@@ -18,6 +18,7 @@ import yaml
 
 from kolm.corpus import bundled_corpus_files
 from kolm.errors import KolmError
+from kolm.files import atomic_write_json
 
 PROMPT = "밥을 먹고 나면 늘 하는 생각이 있는데"  # the seed's prompt
 
@@ -30,11 +31,16 @@ def _note(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def demo_recipe(root: Path, steps: int, gpu: bool) -> dict:
-    """A tiny Phi that learns the bundled corpus in a few minutes on 2 CPU cores."""
+def demo_recipe(root: Path, steps: int, gpu: bool, nproc: int) -> dict:
+    """A tiny Phi that learns the bundled corpus in a few minutes on 2 CPU cores.
+
+    The global batch is at least 16 sequences and a whole number of micro batches of 4 on every
+    one of ``nproc`` ranks, so any GPU count (3, 6, 8 ...) gives a valid layout."""
+    micro = 4
+    accumulation = max(1, -(-16 // (micro * nproc)))
     return {
         "data": str(root / "shards"), "tokenizer": str(root / "tokenizer"), "run_dir": str(root / "run"),
-        "model": "phi-tiny", "seq_len": 128, "global_batch": 16, "micro_batch": 4,
+        "model": "phi-tiny", "seq_len": 128, "global_batch": micro * nproc * accumulation, "micro_batch": micro,
         "lr": 3.0e-3, "min_lr": 3.0e-4, "warmup_steps": max(1, steps // 10), "train_steps": steps,
         "zero_stage": 2,
         # CPUs without native bf16 run it far slower than fp32.
@@ -67,6 +73,8 @@ def train_processes(gpu: bool) -> tuple[int, dict]:
 
 def run_training(recipe: Path, gpu: bool) -> None:
     n, env = train_processes(gpu)
+    if n < 1:
+        raise KolmError("CUDA is available but reports no devices; check CUDA_VISIBLE_DEVICES")
     _note(f"{n} {'GPU' if gpu else 'CPU'} processes: torchrun --standalone --nproc-per-node {n} "
           f"-m kolm train --config {recipe}")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
@@ -78,6 +86,29 @@ def run_training(recipe: Path, gpu: bool) -> None:
                         "run `kolm demo` again to resume from the last checkpoint")
 
 
+def check_same_inputs(root: Path, inputs: list[str], vocab_size: int, steps: int) -> None:
+    """A demo directory belongs to one corpus and one setting: reuse it for those, refuse others.
+
+    Without this a second corpus would silently reuse the first corpus's tokenizer and model."""
+    wanted = {"corpus": [str(Path(p).resolve()) for p in inputs], "vocab_size": vocab_size, "steps": steps}
+    stamp = root / "demo.json"
+    if stamp.is_file():
+        made = json.loads(stamp.read_text(encoding="utf-8"))
+        differ = [key for key in wanted if made.get(key) != wanted[key]]
+        if differ:
+            was = ", ".join(f"{key}={made.get(key)}" for key in differ)
+            raise KolmError(f"{root} holds a demo made with {was}; pass --out DIR for a separate demo "
+                            f"(or remove {root} to start over)")
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(stamp, wanted)
+
+
+def default_out(corpus: list[str] | None) -> str:
+    """./kolm-demo for the bundled corpus, ./kolm-demo-NAME for the user's own text."""
+    return f"kolm-demo-{Path(corpus[0]).name.split('.')[0]}" if corpus else "kolm-demo"
+
+
 def perplexities(run_dir: Path) -> tuple[float, float]:
     """Validation perplexity of the initial model and of the trained one, from metrics.jsonl."""
     evals = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
@@ -87,7 +118,7 @@ def perplexities(run_dir: Path) -> tuple[float, float]:
     return evals[0]["eval_perplexity"], evals[-1]["eval_perplexity"]
 
 
-def run_demo(out: str, corpus: list[str] | None = None, vocab_size: int = 8000, steps: int = 300,
+def run_demo(out: str | None, corpus: list[str] | None = None, vocab_size: int = 8000, steps: int = 300,
              max_new_tokens: int = 40) -> dict:
     """Run (or finish) every stage under ``out``; returns where things were written and the results."""
     import torch
@@ -98,8 +129,9 @@ def run_demo(out: str, corpus: list[str] | None = None, vocab_size: int = 8000, 
     from kolm.shard import ShardOptions, run_shard
     from kolm.tokenizer import train_tokenizer
 
-    root = Path(out).resolve()
+    root = Path(out or default_out(corpus)).resolve()
     inputs = corpus or bundled_corpus_files()
+    check_same_inputs(root, inputs, vocab_size, steps)
     tok_dir, shard_dir, run_dir, model_dir = root / "tokenizer", root / "shards", root / "run", root / "model"
     gpu = torch.cuda.is_available()
     started = time.perf_counter()
@@ -118,7 +150,7 @@ def run_demo(out: str, corpus: list[str] | None = None, vocab_size: int = 8000, 
 
     _stage(f"3/5 train: phi-tiny, {steps} steps, DeepSpeed ZeRO-2")
     recipe_path = root / "recipe.yaml"
-    recipe = demo_recipe(root, steps, gpu)
+    recipe = demo_recipe(root, steps, gpu, train_processes(gpu)[0])
     recipe_path.write_text(yaml.safe_dump(recipe, allow_unicode=True, sort_keys=False), encoding="utf-8")
     if _finished(run_dir, steps):
         _note(f"reusing {run_dir} (already trained {steps} steps)")

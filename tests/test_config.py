@@ -175,3 +175,13 @@ def test_token_stats_scores_prediction_i_against_token_i_plus_1():
     summary = totals.summary()
     assert summary["eval_accuracy"] == pytest.approx(2 / 3)
     assert summary["eval_loss"] == pytest.approx(float(loss_sum) / 3)
+
+
+@pytest.mark.parametrize("nproc", range(1, 9))
+def test_demo_batch_layout_fits_any_process_count(nproc, tmp_path):
+    from kolm.demo import demo_recipe
+
+    recipe = demo_recipe(tmp_path, steps=300, gpu=True, nproc=nproc)
+    cfg = RunConfig(**recipe)
+    cfg.validate()
+    assert cfg.global_batch >= 16 and cfg.global_batch % (cfg.micro_batch * nproc) == 0

@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import run_kolm
@@ -52,6 +53,33 @@ def test_demo_again_reuses_what_is_done(demo):
         assert f"reusing {out / what}" in proc.stderr
     assert "torchrun" not in proc.stderr  # no training process was started
     assert re.search(r"perplexity: .*", proc.stdout).group(0) == re.search(r"perplexity: .*", first.stdout).group(0)
+
+
+def test_demo_refuses_a_directory_made_from_another_corpus(demo, tmp_path):
+    out, _ = demo
+    own = tmp_path / "mine.txt"
+    own.write_text("다른 말뭉치의 첫 문장입니다.\n", encoding="utf-8")
+    tokenizer_before = (out / "tokenizer" / "tokenizer.json").read_bytes()
+    proc = run_kolm("demo", "--out", out, "--corpus", own, "--steps", "40")
+    assert proc.returncode == 2
+    assert f"{out} holds a demo made with corpus=" in proc.stderr and "pass --out DIR" in proc.stderr
+    assert (out / "tokenizer" / "tokenizer.json").read_bytes() == tokenizer_before
+    proc = run_kolm("demo", "--out", out, "--steps", "41")
+    assert proc.returncode == 2 and "made with steps=40" in proc.stderr
+
+
+def test_demo_on_the_users_own_corpus_gets_its_own_directory(tmp_path):
+    from kolm.corpus import bundled_corpus_files
+
+    own = tmp_path / "constitution.txt"
+    own.write_bytes(next(Path(f) for f in bundled_corpus_files() if f.endswith("constitution.txt")).read_bytes())
+    proc = run_kolm("demo", "--corpus", own, "--steps", "6", "--vocab-size", "2000", "--max-new-tokens", "4",
+                    cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "kolm-demo-constitution"
+    assert json.loads((out / "demo.json").read_text())["corpus"] == [str(own)]
+    assert (out / "run" / "checkpoints" / "latest").read_text().strip() == "global_step6"
+    assert re.search(rf"^\s*model: {re.escape(str(out / 'model'))}$", proc.stdout, re.M)
 
 
 def test_report_plots_a_real_run(demo, tmp_path):
