@@ -29,7 +29,8 @@ class PackedDataset:
         self.split, self.seq_len, self.seed = split, seq_len, seed
         entries = self.shard_dir.shards(split)
         dtype = self.shard_dir.dtype
-        self._tokens = []
+        self._tokens, self._paths = [], []
+        self.vocab_size = int(self.shard_dir.tokenizer["vocab_size"])
         for e in entries:
             index = self.shard_dir.shard_path(e, ".idx")
             if not index.is_file():
@@ -42,6 +43,7 @@ class PackedDataset:
                     f"run `kolm shard verify {self.shard_dir.path}`"
                 )
             self._tokens.append(open_tokens(path, dtype))
+            self._paths.append(path)
         self._offsets = np.cumsum([0] + [len(t) for t in self._tokens], dtype=np.int64)
         self.total_tokens = int(self._offsets[-1])
         self.num_samples = max(0, (self.total_tokens - 1) // seq_len)
@@ -82,10 +84,22 @@ class PackedDataset:
         while filled < length:
             local = start + filled - int(self._offsets[k])
             piece = self._tokens[k][local : local + length - filled]
+            self._check_ids(piece, k, local)
             out[filled : filled + len(piece)] = piece
             filled += len(piece)
             k += 1
         return out
+
+    def _check_ids(self, piece: np.ndarray, k: int, local: int) -> None:
+        """A corrupt byte must stop the run naming its file, not crash the embedding (or a GPU
+        kernel) later. Opening checks sizes only: scanning billions of tokens would take minutes."""
+        if len(piece) and int(piece.max()) >= self.vocab_size:
+            first = int(np.argmax(piece >= self.vocab_size))
+            raise KolmError(
+                f"{self._paths[k]}: token {local + first} has id {int(piece[first])}, outside the vocabulary "
+                f"({self.vocab_size}); the shard is corrupt. Run `kolm shard verify {self.shard_dir.path}`, then "
+                "restore it or rebuild with `kolm shard --overwrite`; checkpoints so far are intact"
+            )
 
     def permutation(self, epoch: int) -> np.ndarray:
         """The order of windows in ``epoch``; depends only on (seed, epoch, num_samples)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -73,6 +74,25 @@ def test_flipped_byte_in_a_shard_is_named_by_verify(shard_copy):
     verify = run_kolm("shard", "verify", shard_copy)
     assert verify.returncode != 0 and f"{idx_path}: sha256 differs" in verify.stderr
     assert "kolm shard --overwrite" in verify.stderr
+
+
+def test_corrupt_token_ids_stop_training_naming_the_shard(tmp_path, shard_copy, tokenizer_dir):
+    # Same sizes, so only reading the tokens can tell. Every 50th token gets an id past the
+    # vocabulary (uint16 high byte 0xFF), so the first batch of either rank meets one.
+    for bin_path in (shard_copy / "train").glob("*.bin"):
+        data = bytearray(bin_path.read_bytes())
+        data[1::100] = b"\xff" * len(data[1::100])
+        bin_path.write_bytes(bytes(data))
+    before = _snapshot(shard_copy)
+    recipe = write_recipe(tmp_path / "recipe.yaml", shard_copy, tokenizer_dir, tmp_path / "run", **RUN)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "kolm", "train", "--config", str(recipe)], capture_output=True, text=True,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert proc.returncode != 0
+    named = re.search(r"kolm: error: (\S+\.bin): token \d+ has id \d+, outside the vocabulary", proc.stderr)
+    assert named and Path(named.group(1)).parent == shard_copy / "train", proc.stderr[-3000:]
+    assert f"kolm shard verify {shard_copy}" in proc.stderr
+    assert _snapshot(shard_copy) == before and not complete_checkpoints(tmp_path / "run" / "checkpoints")
 
 
 def test_missing_idx_is_named(tmp_path, shard_copy, tokenizer_dir):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -111,3 +113,18 @@ def test_damaged_shard_is_refused_on_open(tmp_path, shards):
     victim.write_bytes(victim.read_bytes()[:-2])
     with pytest.raises(KolmError, match="kolm shard verify"):
         PackedDataset(copy, "train", SEQ)
+
+
+def test_token_outside_the_vocabulary_is_named_when_read(tmp_path, shards):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)
+    victim = next((copy / "train").glob("*.bin"))
+    data = bytearray(victim.read_bytes())
+    data[2 * 37 + 1] = 0xFF  # the high byte of token 37 (uint16, little-endian): an id far past the vocabulary
+    victim.write_bytes(bytes(data))
+    dataset = PackedDataset(copy, "train", SEQ)  # same size: opening cannot tell
+    with pytest.raises(KolmError, match=rf"{re.escape(str(victim))}: token 37 has id \d+, outside the vocabulary"):
+        for i in range(len(dataset)):
+            dataset.window(i)
