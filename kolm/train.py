@@ -7,7 +7,6 @@ Exit status: 0 finished, EXIT_REQUEUE (75) stopped by a signal after a checkpoin
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -20,6 +19,7 @@ import torch
 from kolm import checkpoint, distenv, dsconfig
 from kolm.config import RunConfig
 from kolm.errors import KolmError
+from kolm.files import atomic_write_json
 from kolm.manifest import check_tokenizer, load_shard_dir
 from kolm.metrics import EvalTotals, MetricSinks, device_peak_flops, token_stats
 from kolm.packed import PackedDataset, check_batch_layout
@@ -28,6 +28,12 @@ from kolm.signals import EXIT_REQUEUE, GracefulStop
 from kolm.tokenizer import load_tokenizer_info
 
 EXIT_NONFINITE = 3
+# Recipe keys a checkpoint's optimizer, learning-rate schedule or sample order were built from.
+# DeepSpeed restores those from the checkpoint, so a changed value would be silently ignored (or
+# fail deep inside the load): resuming refuses it. Everything else (micro_batch, node count,
+# eval/log/save cadence, grad_clip, activation_checkpointing) may change between restarts.
+FIXED_ON_RESUME = ("global_batch", "lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
+                   "warmup_steps", "zero_stage", "precision")
 
 
 @dataclass
@@ -146,9 +152,24 @@ def check_resumable(ckpt: checkpoint.Checkpoint, cfg: RunConfig, plan: Plan) -> 
             f"{cfg.run_dir} holds a run of a different model ({shown}; checkpoint vs recipe): "
             "use a new run_dir for this recipe, or the recipe that run was started with"
         )
+    check_same_schedule(ckpt, cfg, plan)
     saved_fp = ckpt.marker.get("data_fingerprint")
     if saved_fp is not None:
         check_same_data(ckpt, saved_fp, plan, cfg)
+
+
+def check_same_schedule(ckpt: checkpoint.Checkpoint, cfg: RunConfig, plan: Plan) -> None:
+    """Refuse a recipe whose optimizer or schedule differs from the one the checkpoint was built with."""
+    saved = {**ckpt.marker.get("run_config", {}), "total steps": ckpt.marker.get("total_steps")}
+    mine = {**cfg.to_dict(), "total steps": plan.total_steps}
+    diffs = [k for k in (*FIXED_ON_RESUME, "total steps") if saved.get(k) is not None and saved[k] != mine[k]]
+    if diffs:
+        shown = ", ".join(f"{k} {saved[k]!r} vs {mine[k]!r}" for k in diffs)
+        raise KolmError(
+            f"{cfg.run_dir} was started with different settings ({shown}; checkpoint vs recipe). The checkpoint's "
+            "optimizer and learning-rate schedule were built from the original values and would override the "
+            "recipe's: resume with the original values (see run_config.json), or start a new run_dir"
+        )
 
 
 def check_same_data(ckpt: checkpoint.Checkpoint, saved_fp: dict, plan: Plan, cfg: RunConfig) -> None:
@@ -211,8 +232,8 @@ class Trainer:
             say(f"resuming from {resume.tag}: step {self.state.step}, {self.state.consumed_samples} samples consumed")
         if self.rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-            (self.run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+            atomic_write_json(self.run_dir / "run_config.json", cfg.to_dict())
+            atomic_write_json(self.run_dir / "ds_config.json", ds_config)
         self.sinks = MetricSinks(self.run_dir, self.rank0, cfg.tensorboard)
         self.sinks.truncate_after(self.state.step)
         dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
@@ -289,7 +310,8 @@ class Trainer:
                  "eval_loss": eval_loss, "consumed_samples": self.state.consumed_samples,
                  "model_config": self.plan.model_config_dict, "seq_len": self.cfg.seq_len,
                  "tokenizer": str(Path(self.cfg.tokenizer).resolve()),
-                 "data_fingerprint": self.plan.train.fingerprint}
+                 "data_fingerprint": self.plan.train.fingerprint, "run_config": self.cfg.to_dict(),
+                 "total_steps": self.plan.total_steps}
         try:
             checkpoint.save(self.engine, self.ckpt_dir, self.state.step, client, self.plan.env.rank, dist.barrier,
                             extra)

@@ -168,8 +168,13 @@ def test_run_dir_of_a_different_recipe_is_refused_before_any_engine(tmp_path, fi
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"{run} holds a run of a different model (hidden_size 64 vs 128" in proc.stderr
     assert "use a new run_dir" in proc.stderr and "DeepSpeed" not in proc.stderr
+    # The optimizer and schedule come back from the checkpoint: a changed lr or length would be ignored.
+    proc = run_kolm("train", "--config", recipe, "lr=0.01", "train_steps=20", env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"{run} was started with different settings (lr 0.003 vs 0.01, total steps 12 vs 20" in proc.stderr
+    assert "resume with the original values" in proc.stderr and "DeepSpeed" not in proc.stderr
     assert _snapshot(run) == before
-    assert time.monotonic() - start < 60
+    assert time.monotonic() - start < 120
 
 
 def _mount_small_disk(path: Path, size_mb: int) -> None:
