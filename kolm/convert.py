@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -112,6 +113,7 @@ def convert(src: str, out: str, tag: str | None = None, best: bool = False, dtyp
     if dtype not in DTYPES:
         raise KolmError(f"--dtype must be bf16 or fp32, got {dtype!r}")
     out_path = Path(out)
+    _remove_stale_temporaries(out_path)
     if out_path.exists() and not force:
         raise KolmError(f"{out_path} already exists; choose another --out or pass --force to replace it")
     ckpt = resolve_checkpoint(src, tag, best)
@@ -126,17 +128,14 @@ def convert(src: str, out: str, tag: str | None = None, best: bool = False, dtyp
     with torch.no_grad():
         reference = model(input_ids=ids).logits.float()
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(out_path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-{os.getpid()}-", dir=out_path.parent))
     try:
         _write(model.to(DTYPES[dtype]), tok_dir, tmp, max_shard_size, config_dict)
         (tmp / EXPORT_INFO).write_text(json.dumps(_export_info(ckpt, dtype), indent=2) + "\n", encoding="utf-8")
         del model
         max_err = verify_export(tmp, ids, reference, dtype)
-        if out_path.exists():
-            shutil.rmtree(out_path)
         os.chmod(tmp, 0o755)
-        os.replace(tmp, out_path)
+        _swap_in(tmp, out_path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -152,12 +151,28 @@ def _export_info(ckpt: checkpoint.Checkpoint, dtype: str) -> dict:
     return {"checkpoint": str(ckpt.path), "dtype": dtype, **{k: ckpt.marker.get(k) for k in keys}}
 
 
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Put the verified model at ``out``; a model replaced by --force is set aside until then."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _remove_stale_temporaries(out: Path) -> None:
-    """Remove what a killed conversion to the same target left (its process is gone)."""
-    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
-        pid = tmp.name.rsplit(".tmp-", 1)[1].split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
+    """Clean up after a conversion to the same target that was killed (its process is gone):
+    remove its half-written model, and put back the model it was replacing if it got no further."""
+    for left in sorted(out.parent.glob(f".{out.name}.*-*")):
+        kind, _, rest = left.name[len(out.name) + 2:].partition("-")
+        pid = rest.split("-")[0]
+        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind == "old" and not out.exists():
+            os.replace(left, out)
+            print(f"kolm: restored {out} (an interrupted --force conversion had set it aside)", file=sys.stderr)
+        else:
+            shutil.rmtree(left, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
