@@ -562,6 +562,7 @@ def _run_units(jobs, tok, dtype, options, workers, progress, checkpoint_seconds)
 
     pool = TokenizerPool(tok, dtype, options, workers)
     bar = tqdm(unit="tok", unit_scale=True, disable=not progress, file=sys.stderr, mininterval=1.0)
+    started, docs = time.monotonic(), 0  # documents read by this invocation, for docs/s
     try:
         for n, job in enumerate(jobs):
             resumed = job.restore()
@@ -569,9 +570,12 @@ def _run_units(jobs, tok, dtype, options, workers, progress, checkpoint_seconds)
                 bar.write(f"unit {job.unit.index}: continuing after {job.chunks_done} chunks")
             last = time.monotonic()
             for result in pool.map(job.chunks()):
+                before = job.stats["records"]
                 rolled = job.apply(result)
+                docs += job.stats["records"] - before
                 bar.update(_result_tokens(result))
-                bar.set_postfix(unit=f"{n + 1}/{len(jobs)}", docs=job.stats["records"], refresh=False)
+                rate = docs / max(time.monotonic() - started, 1e-6)
+                bar.set_postfix(unit=f"{n + 1}/{len(jobs)}", docs=f"{docs:,}", docs_s=f"{rate:,.0f}", refresh=False)
                 due = time.monotonic() - last >= checkpoint_seconds
                 if (rolled or due) and not job.in_long_document:
                     job.checkpoint()

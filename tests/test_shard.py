@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -212,6 +213,7 @@ def damaged(tmp_path, small_shards) -> Path:
 # --------------------------------------------------------------------------- 1. round trip
 
 
+
 def mixed_inputs(d: Path, lines: list[str], field: str) -> list[Path]:
     """The corpus spread over .txt, .txt.gz, .jsonl.gz and .parquet, with messy whitespace,
     decomposed (NFD) Hangul and blank lines; JSON/parquet hold the text in ``field`` next to
@@ -355,6 +357,24 @@ def test_verify_reports_a_different_tokenizer(tmp_path, small_shards):
     other = tmp_path / "other-tok"
     train_tokenizer(bundled_corpus_files(), other, vocab_size=1000, progress=False)
     assert_reported(verify(small_shards, "--tokenizer", other), "does not match the tokenizer", "vocab_size")
+
+
+def test_progress_bar_shows_documents_and_tokens_per_second(tmp_path, korean_corpus, tokenizer_dir):
+    proc = kolm("shard", "--input", korean_corpus, "--tokenizer", tokenizer_dir, "--out", tmp_path / "out",
+                "--workers", "1", check=True)
+    bar = proc.stderr.replace("\r", "\n").splitlines()
+    assert any(re.search(r"tok/s, docs=[\d,]+, docs_s=[\d,]+", line) for line in bar), proc.stderr[-2000:]
+
+
+def test_stats_prints_each_split_as_the_manifest_counts_it(small_shards):
+    proc = kolm("shard", "stats", small_shards, check=True)
+    splits = manifest(small_shards)["splits"]
+    for split in ("train", "valid"):
+        row = next(line.split() for line in proc.stdout.splitlines() if line.startswith(split))
+        s = splits[split]
+        assert row[1:5] == [str(s[k]) for k in ("shards", "documents", "tokens", "characters")]
+        assert float(row[5]) == pytest.approx(s["characters"] / s["tokens"], abs=1e-3)
+    assert "corpus: " in proc.stdout and "dtype uint16" in proc.stdout
 
 
 # --------------------------------------------------------------------------- 5. megatron-core
