@@ -152,10 +152,10 @@ def check_resumable(ckpt: checkpoint.Checkpoint, cfg: RunConfig, plan: Plan) -> 
             f"{cfg.run_dir} holds a run of a different model ({shown}; checkpoint vs recipe): "
             "use a new run_dir for this recipe, or the recipe that run was started with"
         )
-    check_same_schedule(ckpt, cfg, plan)
     saved_fp = ckpt.marker.get("data_fingerprint")
     if saved_fp is not None:
         check_same_data(ckpt, saved_fp, plan, cfg)
+    check_same_schedule(ckpt, cfg, plan)
 
 
 def check_same_schedule(ckpt: checkpoint.Checkpoint, cfg: RunConfig, plan: Plan) -> None:

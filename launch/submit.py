@@ -11,7 +11,8 @@ writes one checkpoint collectively, and only then hands over to submitit, whose 
 the job from global rank 0 (submitit calls `checkpoint()` on rank 0 only, so a ZeRO save inside
 it would hang). The requeued job resumes from the newest complete checkpoint. `scancel` and
 preemption send SIGTERM: the trainer checkpoints and stops; a preempted job is requeued by Slurm.
-Partition and account default to SBATCH_PARTITION / SBATCH_ACCOUNT, and every job sources
+Partition and account default to SBATCH_PARTITION / SBATCH_ACCOUNT, the tasks' interpreter and
+container to KOLM_PYTHON / KOLM_CONTAINER (else this interpreter), and every job sources
 slurm/site.sh first, so cluster settings stay in the one place the sbatch scripts use.
 """
 
@@ -47,6 +48,9 @@ class SubmitOptions:
     cluster: str | None = None  # slurm, local or debug; None: slurm when sbatch exists, else local
     log_dir: str = "submitit-logs"
     job_name: str = "kolm-pretrain"
+    # The interpreter every task runs, and a command prefix (a container), as in slurm/site.sh.
+    python: str = field(default_factory=lambda: os.environ.get("KOLM_PYTHON") or sys.executable)
+    container: str = field(default_factory=lambda: os.environ.get("KOLM_CONTAINER", ""))
 
     def validate(self) -> None:
         for name in ("nodes", "cpus_per_task", "time_min"):
@@ -117,8 +121,11 @@ def make_executor(opts: SubmitOptions):
     import submitit
 
     cluster = opts.cluster or ("slurm" if shutil.which("sbatch") else "local")
+    # The tasks unpickle the job, so they must run a Python that imports this same kolm.
+    python = " ".join(filter(None, [opts.container, shlex.quote(opts.python)]))
     executor = submitit.AutoExecutor(folder=str(Path(opts.log_dir) / "%j"), cluster=cluster,
-                                     slurm_max_num_timeout=opts.max_requeues)
+                                     slurm_max_num_timeout=opts.max_requeues, slurm_python=python,
+                                     local_python=python)
     params = dict(name=opts.job_name, timeout_min=opts.time_min, nodes=opts.nodes,
                   tasks_per_node=opts.ntasks_per_node, cpus_per_task=opts.cpus_per_task)
     if opts.gpus_per_node:

@@ -47,15 +47,15 @@ overrides+=("data=$shards" "tokenizer=$tokenizer")
 
 # The run directory, from the recipe and overrides; this also catches recipe typos before
 # anything is queued.
-run_dir=$("$KOLM_PYTHON" -c 'import sys; from kolm.config import load_config
+# shellcheck disable=SC2086  # KOLM_CONTAINER is a command prefix: split on purpose
+run_dir=$($KOLM_CONTAINER "$KOLM_PYTHON" -c 'import sys; from kolm.config import load_config
 print(load_config(sys.argv[1], sys.argv[2:]).run_dir)' "$recipe" "${overrides[@]}")
 
 dep=()
 if [[ ! -e $tokenizer ]]; then
   [[ -n $vocab ]] || { echo "pipeline: $tokenizer does not exist; give --vocab-size to train it first" >&2; exit 2; }
-  tok_job=$(sbatch --parsable --job-name=kolm-tokenizer --nodes=1 --ntasks=1 --cpus-per-task=16 \
-    "${cpu_sbatch[@]}" --output=%x-%j.out --wrap "$(printf '%q ' "$KOLM_PYTHON" -m kolm tokenizer train --input "${inputs[@]}" \
-    --vocab-size "$vocab" --out "$tokenizer")")
+  tok_job=$(sbatch --parsable "${cpu_sbatch[@]}" "$KOLM_HOME/slurm/tokenizer.sbatch" --input "${inputs[@]}" \
+    --vocab-size "$vocab" --out "$tokenizer")
   echo "tokenizer: job $tok_job"
   dep=(--dependency="afterok:$tok_job")
 fi

@@ -3,6 +3,7 @@ Hugging Face directories that the pipeline loads offline and that compute the sa
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import torch
 from conftest import run_kolm
 from dist import run_ranks, train_to_end
 
-from kolm.checkpoint import MARKER
+from kolm.checkpoint import MARKER, complete_checkpoints
 
 pytestmark = pytest.mark.slow
 PROMPT = "밥을 먹고 나면 늘 하는 생각이 있는데"
@@ -79,9 +80,12 @@ def test_converted_model_matches_engine_and_generates_offline(run, tmp_path):
     assert text.startswith(PROMPT) and len(text) > len(PROMPT)
     assert text[len(PROMPT):].strip()
 
-    generated = run_kolm("generate", out, PROMPT, "--max-new-tokens", 8, check=True,
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("대한민국은\n\n국회는 법률을\n", encoding="utf-8")
+    generated = run_kolm("generate", out, PROMPT, "--prompts-file", prompts, "--max-new-tokens", 8, check=True,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert generated.stdout.startswith(PROMPT)
+    texts = generated.stdout.split("---\n")[:-1]
+    assert len(texts) == 3 and all(t.startswith(p) for t, p in zip(texts, (PROMPT, "대한민국은", "국회는 법률을")))
 
 
 def test_eval_of_export_and_checkpoint_agree(run, tmp_path, shards):
@@ -96,9 +100,11 @@ def test_eval_of_export_and_checkpoint_agree(run, tmp_path, shards):
 def test_bf16_export_is_verified_and_smaller(run, tmp_path):
     fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
     run_kolm("convert", run / "run", "--out", fp32, "--dtype", "fp32", check=True)
-    run_kolm("convert", run / "run", "--out", bf16, check=True)
+    run_kolm("convert", run / "run", "--out", bf16, "--best", check=True)
     size = lambda d: (d / "model.safetensors").stat().st_size  # noqa: E731
     assert size(bf16) < 0.6 * size(fp32)
+    best = min(complete_checkpoints(run / "run" / "checkpoints"), key=lambda c: c.marker["eval_loss"])
+    assert json.loads((bf16 / "kolm_export.json").read_text())["checkpoint"] == str(best.path)
 
 
 def test_interrupted_conversion_leaves_nothing_behind(run, tmp_path):
@@ -113,6 +119,21 @@ def test_interrupted_conversion_leaves_nothing_behind(run, tmp_path):
     assert not out.exists()
     run_kolm("convert", run / "run", "--out", out, check=True)
     assert out.is_dir() and not list(tmp_path.glob(".hf.tmp-*"))
+
+
+def test_model_set_aside_by_a_killed_force_conversion_is_restored(run, tmp_path):
+    out = tmp_path / "hf"
+    run_kolm("convert", run / "run", "--out", out, "--dtype", "fp32", check=True)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    # What a --force conversion killed between setting the old model aside and renaming the new one leaves.
+    os.replace(out, tmp_path / f".hf.old-{dead.pid}")
+    (tmp_path / f".hf.tmp-{dead.pid}-x").mkdir()
+    proc = run_kolm("convert", run / "run", "--out", out)
+    assert proc.returncode == 2 and f"restored {out}" in proc.stderr and "already exists" in proc.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
 def test_bad_inputs_are_clear_errors(run, tmp_path, korean_corpus):

@@ -117,13 +117,22 @@ def test_scancel_ends_the_job_without_requeue(tmp_path, cluster, shards, tokeniz
     assert "requeueing" not in log.read_text(errors="replace")
 
 
+def container_probe(tmp_path: Path) -> tuple[Path, Path]:
+    """A stand-in for `apptainer exec IMAGE`: records each command it runs, then runs it."""
+    probe, log = tmp_path / "container.sh", tmp_path / "container.log"
+    probe.write_text(f'#!/bin/bash\necho "$*" >> {log}\nexec "$@"\n')
+    probe.chmod(0o755)
+    return probe, log
+
+
 def test_submitit_launcher_runs_two_nodes_across_a_timeout(tmp_path, cluster, shards, tokenizer_dir, reference):
     recipe = write_recipe(tmp_path / "recipe.yaml", shards, tokenizer_dir, tmp_path / "run", **SLURM_RUN)
     logs = tmp_path / "submitit"
+    probe, probe_log = container_probe(tmp_path)
     proc = subprocess.run(
         [sys.executable, "-m", "launch.submit", "--config", str(recipe), "--nodes", "2", "--gpus-per-node", "0",
          "--cpus-per-task", "1", "--time", "2", "--signal-delay", "100", "--log-dir", str(logs)],
-        env=cluster, cwd=REPO, capture_output=True, text=True)
+        env={**cluster, "KOLM_CONTAINER": str(probe)}, cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     job_id = proc.stdout.split()[2]
     assert f"tail -f {logs}/{job_id}/{job_id}_0_log.err" in proc.stdout
@@ -137,6 +146,8 @@ def test_submitit_launcher_runs_two_nodes_across_a_timeout(tmp_path, cluster, sh
 
     assert submitit.SlurmJob(logs / "%j", job_id, tasks=(0,)).result()["status"] == "finished"
     _assert_same_run(tmp_path / "run", reference)
+    # Every task of both attempts ran inside the "container".
+    assert probe_log.read_text().count(f"{sys.executable} -u -m submitit.core._submit") >= 4
 
 
 def test_submit_rejects_a_bad_recipe_before_queueing(tmp_path, cluster, shards, tokenizer_dir):
@@ -171,7 +182,9 @@ def test_array_sharding_job_matches_a_single_run(tmp_path, cluster, korean_corpu
 def test_pipeline_goes_from_corpus_to_a_converted_model(tmp_path, cluster, korean_corpus):
     recipe = write_recipe(tmp_path / "recipe.yaml", tmp_path / "unused", tmp_path / "unused", tmp_path / "run",
                           train_steps=6, save_every=3, eval_every=6, eval_samples=16)
-    env = {**cluster, "KOLM_SBATCH_TRAIN": " ".join(CPU_TASKS), "KOLM_SBATCH_CPU": "--cpus-per-task=1 --mem=1G"}
+    probe, probe_log = container_probe(tmp_path)
+    env = {**cluster, "KOLM_SBATCH_TRAIN": " ".join(CPU_TASKS), "KOLM_SBATCH_CPU": "--cpus-per-task=1 --mem=1G",
+           "KOLM_CONTAINER": str(probe)}
 
     def pipeline(*overrides: str) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -192,6 +205,10 @@ def test_pipeline_goes_from_corpus_to_a_converted_model(tmp_path, cluster, korea
     assert info["JobState"] == "COMPLETED", logs[-5000:]
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["architectures"] == ["PhiForCausalLM"]
+    ran = probe_log.read_text()
+    for command in ("kolm tokenizer train", "kolm shard --workers", "kolm shard merge", "kolm train --config",
+                    "kolm convert"):
+        assert f"{sys.executable} -m {command}" in ran, ran  # every job ran inside the "container"
     generated = subprocess.run([sys.executable, "-m", "kolm", "generate", str(tmp_path / "model"), "헌법",
                                 "--max-new-tokens", "5"], env={**cluster, "HF_HUB_OFFLINE": "1"},
                                capture_output=True, text=True)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import run_kolm
 from dist import Ranks, run_ranks, train_records, train_to_end, wait_for, write_recipe
 
 from kolm.checkpoint import MARKER, complete_checkpoints
@@ -94,6 +95,18 @@ def test_resume_on_one_rank_after_two(tmp_path, shards, tokenizer_dir, reference
         assert a == pytest.approx(b, rel=2e-2)
 
 
+def test_plain_kolm_train_without_a_launcher_is_one_rank(tmp_path, shards, tokenizer_dir):
+    run_dir = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", shards, tokenizer_dir, run_dir, train_steps=3)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    proc = run_kolm("train", "--config", recipe, env={**env, "DS_ACCELERATOR": "cpu"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 ranks x micro batch 2 x 4 accumulation = global batch 8" in proc.stderr
+    assert [r["step"] for r in train_records(run_dir)] == [1, 2, 3]
+    assert (run_dir / "checkpoints" / "latest").read_text() == "global_step3"
+
+
 def test_signal_to_one_rank_checkpoints_all_and_exits_for_requeue(tmp_path, shards, tokenizer_dir):
     run_dir = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", shards, tokenizer_dir, run_dir, train_steps=10, save_every=100,
@@ -125,7 +138,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, shards, tokeni
 def test_resume_on_different_data_is_refused_unless_overridden(tmp_path, shards, tokenizer_dir, reference):
     run_dir = tmp_path / "run"
     shutil.copytree(reference / "checkpoints" / "global_step12", run_dir / "checkpoints" / "global_step12")
-    recipe = write_recipe(tmp_path / "r.yaml", shards, tokenizer_dir, run_dir, seq_len=32, train_steps=13)
+    recipe = write_recipe(tmp_path / "r.yaml", shards, tokenizer_dir, run_dir, seq_len=32)
     codes, out = run_ranks(1, recipe, log_dir=tmp_path / "logs")
     assert codes == [2, ], out[-3000:]
     assert "was trained on different data (seq_len, num_samples differ)" in out
