@@ -133,7 +133,9 @@ def make_executor(opts: SubmitOptions):
     if opts.mem_gb:
         params["mem_gb"] = opts.mem_gb
     if cluster == "slurm":
-        params.update(slurm_signal_delay_s=opts.signal_delay_s,
+        # One task failing (a bad shard, an OOM) ends the others at once, as srun in
+        # slurm/pretrain.sbatch does, instead of leaving them blocked in a collective.
+        params.update(slurm_signal_delay_s=opts.signal_delay_s, slurm_srun_args=["--kill-on-bad-exit=1"],
                       slurm_setup=[f"source {shlex.quote(str(KOLM_HOME / 'slurm' / 'site.sh'))}"],
                       slurm_additional_parameters=dict(opts.sbatch))
         if opts.partition:

@@ -146,6 +146,9 @@ def test_submitit_launcher_runs_two_nodes_across_a_timeout(tmp_path, cluster, sh
 
     assert submitit.SlurmJob(logs / "%j", job_id, tasks=(0,)).result()["status"] == "finished"
     _assert_same_run(tmp_path / "run", reference)
+    # A task that fails ends the others instead of leaving them blocked in a collective.
+    assert "srun --unbuffered" in (logs / job_id / f"{job_id}_submission.sh").read_text()
+    assert "--kill-on-bad-exit=1" in (logs / job_id / f"{job_id}_submission.sh").read_text()
     # Every task of both attempts ran inside the "container".
     assert probe_log.read_text().count(f"{sys.executable} -u -m submitit.core._submit") >= 4
 
