@@ -56,6 +56,7 @@ class RunConfig:
     tensorboard: bool = True
     # --- robustness
     max_nonfinite_steps: int = 10  # stop after this many non-finite steps in a row
+    grad_spike_factor: float = 1e4  # warn when a gradient norm exceeds this x its running median; 0: off
     ignore_data_fingerprint: bool = False  # resume even though the data changed
 
     def validate(self) -> None:
@@ -73,6 +74,8 @@ class RunConfig:
             raise KolmError(f"`precision` must be bf16 or fp32, got {self.precision!r}")
         if not 0 <= self.min_lr <= self.lr:
             raise KolmError(f"`min_lr` {self.min_lr} must be in [0, lr={self.lr}]")
+        if self.grad_spike_factor < 0:
+            raise KolmError(f"`grad_spike_factor` must be >= 0 (0 turns the warning off), got {self.grad_spike_factor}")
         if self.warmup_steps < 0 or self.train_steps < 0 or self.epochs <= 0:
             raise KolmError("`warmup_steps` and `train_steps` must be >= 0 and `epochs` > 0")
         if self.global_batch % self.micro_batch:

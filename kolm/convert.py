@@ -19,7 +19,7 @@ import torch
 
 from kolm import checkpoint
 from kolm.errors import KolmError
-from kolm.presets import padded_vocab
+from kolm.presets import padded_vocab, untie_padding
 from kolm.tokenizer import load_tokenizer_info
 
 PROMPT = "밥을 먹고 나면 늘 하는 생각이 있는데"
@@ -120,6 +120,11 @@ def convert(src: str, out: str, tag: str | None = None, best: bool = False, dtyp
     config_dict = ckpt.marker.get("model_config")
     if not config_dict:
         raise KolmError(f"{ckpt.path}: the completion marker has no model config (not written by kolm train)")
+    config_dict, untied = untie_padding(config_dict)
+    if untied:
+        print(f"kolm: {ckpt.tag} was trained with pad_token_id = EOS (its EOS embedding is the zero row); "
+              "config.json is written without a padding index, generation_config.json pads with EOS",
+              file=sys.stderr)
     tok_dir = Path(tokenizer or ckpt.marker["tokenizer"])
     check_tokenizer_fits(tok_dir, config_dict)
     print(f"kolm: converting {ckpt.path} ({dtype})")
@@ -196,9 +201,19 @@ def _write(model, tok_dir: Path, out: Path, max_shard_size: str, config_dict: di
     for name in TOKENIZER_FILES:
         if (tok_dir / name).is_file():
             shutil.copy(tok_dir / name, out / name)
+    _pad_on_the_left(out / "tokenizer_config.json")
     eos = model.config.eos_token_id
     GenerationConfig(bos_token_id=model.config.bos_token_id, eos_token_id=eos, pad_token_id=eos,
                      **GENERATION_DEFAULTS).save_pretrained(str(out))
+
+
+def _pad_on_the_left(path: Path) -> None:
+    """Batched prompts are padded (with EOS) on the left, so each one's last token is its own and
+    generation continues every prompt as it would alone."""
+    if path.is_file():
+        config = json.loads(path.read_text(encoding="utf-8"))
+        config["padding_side"] = "left"
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _complete_config_json(path: Path, config_dict: dict) -> None:

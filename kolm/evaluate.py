@@ -12,6 +12,7 @@ from kolm.errors import KolmError
 from kolm.manifest import check_tokenizer, load_shard_dir
 from kolm.metrics import EvalTotals, token_stats
 from kolm.packed import PackedDataset
+from kolm.presets import untie_padding
 from kolm.tokenizer import load_tokenizer_info
 
 
@@ -28,7 +29,8 @@ def load_model(source: str, tag: str | None = None):
     from kolm.convert import consolidated_state_dict, model_from_state_dict, resolve_checkpoint
 
     ckpt = resolve_checkpoint(source, tag)
-    model = model_from_state_dict(ckpt.marker["model_config"], consolidated_state_dict(ckpt))
+    config_dict = untie_padding(ckpt.marker["model_config"])[0]
+    model = model_from_state_dict(config_dict, consolidated_state_dict(ckpt))
     return model, Path(ckpt.marker["tokenizer"]), ckpt.marker.get("seq_len")
 
 

@@ -96,8 +96,23 @@ def phi_config_dict(shape: PhiShape, vocab_size: int, bos_id: int, eos_id: int, 
         "qk_layernorm": False,
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
-        "pad_token_id": eos_id,
+        # No padding index: packed windows hold no padding, and `nn.Embedding(padding_idx=...)`
+        # would keep that row at zero with no gradient. kolm's tokenizer pads with EOS, so a
+        # padding index would freeze the EOS embedding. Padding for generation lives in
+        # generation_config.json and the tokenizer files.
+        "pad_token_id": None,
     }
+
+
+def untie_padding(config_dict: dict) -> tuple[dict, bool]:
+    """A model config from before padding was untied from EOS, with ``pad_token_id`` cleared.
+
+    Returns (config, whether it changed). Checkpoints written that way resume and convert with
+    the EOS embedding trainable from then on."""
+    pad = config_dict.get("pad_token_id")
+    if pad is None:
+        return config_dict, False
+    return {**config_dict, "pad_token_id": None}, True
 
 
 def build_config(shape: PhiShape, vocab_size: int, bos_id: int, eos_id: int, max_positions: int):

@@ -11,7 +11,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,10 +20,19 @@ from kolm import checkpoint, distenv, dsconfig
 from kolm.config import RunConfig
 from kolm.errors import KolmError
 from kolm.files import atomic_write_json
+from kolm.health import GradNormWatch
 from kolm.manifest import check_tokenizer, load_shard_dir
 from kolm.metrics import EvalTotals, MetricSinks, device_peak_flops, token_stats
 from kolm.packed import PackedDataset, check_batch_layout
-from kolm.presets import build_config, flops_per_token, get_shape, padded_vocab, parameter_count, phi_config_dict
+from kolm.presets import (
+    build_config,
+    flops_per_token,
+    get_shape,
+    padded_vocab,
+    parameter_count,
+    phi_config_dict,
+    untie_padding,
+)
 from kolm.signals import EXIT_REQUEUE, GracefulStop
 from kolm.tokenizer import load_tokenizer_info
 
@@ -45,6 +54,13 @@ class TrainState:
     best_eval_loss: float | None = None
     nonfinite_in_a_row: int = 0
     nonfinite_total: int = 0
+    grad_watch: GradNormWatch = field(default_factory=GradNormWatch)
+
+    @classmethod
+    def from_client(cls, saved: dict, spike_factor: float) -> TrainState:
+        """The state a checkpoint carried (older ones have no gradient-norm watch)."""
+        watch = GradNormWatch(**{**saved.get("grad_watch", {}), "factor": spike_factor})
+        return cls(**{**saved, "grad_watch": watch})
 
 
 @dataclass
@@ -145,6 +161,11 @@ def _param_groups(model: torch.nn.Module, cfg: RunConfig) -> list[dict]:
 def check_resumable(ckpt: checkpoint.Checkpoint, cfg: RunConfig, plan: Plan) -> None:
     """Refuse, before any engine starts, a checkpoint of a different model or different data."""
     saved, mine = ckpt.marker.get("model_config"), plan.model_config_dict
+    if saved is not None:
+        saved, untied = untie_padding(saved)
+        if untied:
+            say(f"{ckpt.tag} was written with pad_token_id = EOS, which froze the EOS embedding at zero; "
+                "continuing with it trainable (exported models no longer tie padding to EOS)")
     if saved is not None and saved != mine:
         keys = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
         shown = ", ".join(f"{k} {saved.get(k)!r} vs {mine.get(k)!r}" for k in keys[:4])
@@ -196,7 +217,7 @@ def restore(engine, cfg: RunConfig, plan: Plan, ckpt: checkpoint.Checkpoint) -> 
     check_same_data(ckpt, client["data_fingerprint"], plan, cfg)
     if not checkpoint.load_rng(ckpt.path, plan.env.rank):
         say(f"{ckpt.tag} has no RNG state for rank {plan.env.rank}; continuing with a fresh one")
-    return TrainState(**client["kolm_state"])
+    return TrainState.from_client(client["kolm_state"], cfg.grad_spike_factor)
 
 
 def evaluate(engine, plan: Plan, cfg: RunConfig, device: torch.device) -> dict:
@@ -227,7 +248,8 @@ class Trainer:
         self.engine, ds_config = start_engine(cfg, self.plan, resume)
         self.device = self.engine.device
         self.rank0 = self.plan.env.is_main
-        self.state = restore(self.engine, cfg, self.plan, resume) if resume else TrainState()
+        fresh = TrainState(grad_watch=GradNormWatch(cfg.grad_spike_factor))
+        self.state = restore(self.engine, cfg, self.plan, resume) if resume else fresh
         if resume:
             say(f"resuming from {resume.tag}: step {self.state.step}, {self.state.consumed_samples} samples consumed")
         if self.rank0:
@@ -265,10 +287,14 @@ class Trainer:
 
     def log_step(self, loss: torch.Tensor) -> None:
         cfg, state = self.cfg, self.state
+        grad_norm = _grad_norm(self.engine)
+        spike = state.grad_watch.observe(state.step, grad_norm, cfg.grad_clip)
+        if spike:
+            say(spike)
         record = {"kind": "train", "step": state.step, "consumed_samples": state.consumed_samples,
                   "tokens": state.consumed_samples * cfg.seq_len, "loss": float(loss),
-                  "lr": self.engine.get_lr()[0], "grad_norm": _grad_norm(self.engine),
-                  "skipped_steps": state.nonfinite_total}
+                  "lr": self.engine.get_lr()[0], "grad_norm": grad_norm,
+                  "skipped_steps": state.nonfinite_total, "grad_norm_spikes": state.grad_watch.spikes}
         if state.step % cfg.log_every == 0 or state.step == self.plan.total_steps:
             tps = self.window_steps * cfg.global_batch * cfg.seq_len / (time.perf_counter() - self.window_start)
             per_device = tps / self.plan.env.world_size
