@@ -24,11 +24,11 @@ import torch  # noqa: E402
 from dist import run_ranks, train_records, write_recipe  # noqa: E402
 from soak import STRATEGIES, soak  # noqa: E402
 
-from kolm.checkpoint import complete_checkpoints  # noqa: E402
-from kolm.convert import consolidated_state_dict  # noqa: E402
-from kolm.corpus import bundled_corpus_files  # noqa: E402
-from kolm.shard import ShardOptions, run_shard  # noqa: E402
-from kolm.tokenizer import train_tokenizer  # noqa: E402
+from kolm.data.corpus import bundled_corpus_files  # noqa: E402
+from kolm.data.shard import ShardOptions, run_shard  # noqa: E402
+from kolm.data.tokenizer import train_tokenizer  # noqa: E402
+from kolm.export.convert import consolidated_state_dict  # noqa: E402
+from kolm.train.checkpoint import complete_checkpoints  # noqa: E402
 
 
 def main() -> int:

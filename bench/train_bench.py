@@ -256,8 +256,8 @@ def base_env(threads: int) -> dict[str, str]:
 
 def model_config(tok_dir: Path, model: str, seq_len: int):
     """The exact PhiConfig kolm builds for this tokenizer, so both sides train the same model."""
-    from kolm.presets import build_config, get_shape, padded_vocab
-    from kolm.tokenizer import load_tokenizer_info
+    from kolm.data.tokenizer import load_tokenizer_info
+    from kolm.model.presets import build_config, get_shape, padded_vocab
 
     info = load_tokenizer_info(tok_dir)
     shape = get_shape(model)
@@ -362,8 +362,8 @@ def measure_seed(corpus: Path, tok: Path, args: argparse.Namespace) -> Measureme
 
 
 def flops_for(tok: Path, model: str, seq_len: int) -> float:
-    from kolm.presets import flops_per_token, get_shape, padded_vocab
-    from kolm.tokenizer import load_tokenizer_info
+    from kolm.data.tokenizer import load_tokenizer_info
+    from kolm.model.presets import flops_per_token, get_shape, padded_vocab
 
     return flops_per_token(get_shape(model), padded_vocab(load_tokenizer_info(tok).vocab_size), seq_len)
 
@@ -526,7 +526,7 @@ def child_peak() -> dict:
     """Matmul FLOP/s (1024^3, the probe kolm uses for MFU) for 1 and 2 threads, fp32 and bf16."""
     import torch
 
-    from kolm.metrics import measured_matmul_flops
+    from kolm.train.metrics import measured_matmul_flops
 
     out = {}
     for threads in (1, 2):

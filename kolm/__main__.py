@@ -2,6 +2,6 @@
 
 import sys
 
-from kolm.cli import main
+from kolm.cli.main import main
 
 sys.exit(main())

@@ -79,16 +79,16 @@ class KolmTrain:
         self.overrides = list(overrides)
 
     def __call__(self) -> dict:
-        from kolm.signals import GracefulStop
+        from kolm.train.signals import GracefulStop
 
         # Replaces submitit's USR2/TERM handlers until training returns (train() restores them).
         stop = GracefulStop()
         import submitit
 
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        from kolm.config import load_config
-        from kolm.signals import EXIT_REQUEUE
-        from kolm.train import train
+        from kolm.train.config import load_config
+        from kolm.train.loop import train
+        from kolm.train.signals import EXIT_REQUEUE
 
         code = train(load_config(self.config, self.overrides), stop)
         if code == 0:
@@ -150,7 +150,7 @@ def submit(config: str, overrides: list[str], opts: SubmitOptions | None = None)
     """Validate the recipe here, then submit; returns the submitit Job."""
     opts = opts or SubmitOptions()
     opts.validate()
-    from kolm.config import load_config
+    from kolm.train.config import load_config
 
     load_config(config, overrides)  # a typo fails now, not after the job waited in the queue
     config = str(Path(config).resolve())

@@ -48,7 +48,7 @@ overrides+=("data=$shards" "tokenizer=$tokenizer")
 # The run directory, from the recipe and overrides; this also catches recipe typos before
 # anything is queued.
 # shellcheck disable=SC2086  # KOLM_CONTAINER is a command prefix: split on purpose
-run_dir=$($KOLM_CONTAINER "$KOLM_PYTHON" -c 'import sys; from kolm.config import load_config
+run_dir=$($KOLM_CONTAINER "$KOLM_PYTHON" -c 'import sys; from kolm.train.config import load_config
 print(load_config(sys.argv[1], sys.argv[2:]).run_dir)' "$recipe" "${overrides[@]}")
 
 dep=()

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from kolm.corpus import bundled_corpus_files
-from kolm.tokenizer import train_tokenizer
+from kolm.data.corpus import bundled_corpus_files
+from kolm.data.tokenizer import train_tokenizer
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -48,7 +48,7 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory, korean_corpus, tokenizer_dir) -> Path:
     """The bundled corpus sharded with 5% held out for validation (enough to evaluate)."""
-    from kolm.shard import ShardOptions, run_shard
+    from kolm.data.shard import ShardOptions, run_shard
 
     out = tmp_path_factory.mktemp("shards") / "shards"
     run_shard([str(korean_corpus)], str(tokenizer_dir), out, ShardOptions(valid_fraction=0.05), workers=1,
@@ -59,7 +59,7 @@ def shards(tmp_path_factory, korean_corpus, tokenizer_dir) -> Path:
 def run_kolm(*args: str, check: bool = False, **kwargs) -> subprocess.CompletedProcess:
     """Run the `kolm` command line in a fresh interpreter, capturing its output."""
     proc = subprocess.run(
-        [sys.executable, "-m", "kolm.cli", *map(str, args)], capture_output=True, text=True, **kwargs
+        [sys.executable, "-m", "kolm", *map(str, args)], capture_output=True, text=True, **kwargs
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"kolm {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from dist import Ranks, train_records
 
-from kolm.checkpoint import MARKER, _tagged_dirs, complete_checkpoints, find_resume
+from kolm.train.checkpoint import MARKER, _tagged_dirs, complete_checkpoints, find_resume
 
 STRATEGIES = ("startup", "random_step", "during_save", "after_resume")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from kolm.checkpoint import MARKER, best_checkpoint, complete_checkpoints, find_resume, prune
+from kolm.train.checkpoint import MARKER, best_checkpoint, complete_checkpoints, find_resume, prune
 
 
 def _fake(ckpt_dir, step, eval_loss=None, complete=True, payload=b"weights"):

@@ -8,10 +8,8 @@ import json
 import pytest
 import torch
 
-from kolm import distenv, dsconfig
-from kolm.config import RunConfig, load_config
 from kolm.errors import KolmError
-from kolm.presets import (
+from kolm.model.presets import (
     PRESETS,
     build_config,
     flops_per_token,
@@ -20,6 +18,8 @@ from kolm.presets import (
     parameter_count,
     phi_config_dict,
 )
+from kolm.train import distenv, dsconfig
+from kolm.train.config import RunConfig, load_config
 
 BASE = ["data=/d", "tokenizer=/t", "run_dir=/r"]
 
@@ -161,7 +161,7 @@ def test_torchrun_environment_requires_master(monkeypatch):
 
 
 def test_token_stats_scores_prediction_i_against_token_i_plus_1():
-    from kolm.metrics import EvalTotals, token_stats
+    from kolm.train.metrics import EvalTotals, token_stats
 
     vocab = 5
     window = torch.tensor([[1, 2, 3, 4]])
@@ -179,7 +179,7 @@ def test_token_stats_scores_prediction_i_against_token_i_plus_1():
 
 @pytest.mark.parametrize("nproc", range(1, 9))
 def test_demo_batch_layout_fits_any_process_count(nproc, tmp_path):
-    from kolm.demo import demo_recipe
+    from kolm.cli.demo import demo_recipe
 
     recipe = demo_recipe(tmp_path, steps=300, gpu=True, nproc=nproc)
     cfg = RunConfig(**recipe)

@@ -16,7 +16,7 @@ import torch
 from conftest import run_kolm
 from dist import run_ranks, train_to_end
 
-from kolm.checkpoint import MARKER, complete_checkpoints
+from kolm.train.checkpoint import MARKER, complete_checkpoints
 
 pytestmark = pytest.mark.slow
 PROMPT = "밥을 먹고 나면 늘 하는 생각이 있는데"
@@ -31,8 +31,8 @@ def run(request, tmp_path_factory, shards, tokenizer_dir):
 
 ENGINE_LOGITS = textwrap.dedent("""
     import sys, torch
-    from kolm.config import load_config
-    from kolm.train import Trainer
+    from kolm.train.config import load_config
+    from kolm.train.loop import Trainer
     t = Trainer(load_config(sys.argv[1]))
     x = torch.from_numpy(t.plan.valid.eval_batches(2, 0, 1).__next__())
     with torch.no_grad():

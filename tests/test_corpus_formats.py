@@ -6,8 +6,8 @@ import numpy as np
 from conftest import run_kolm
 from transformers import AutoTokenizer
 
-from kolm.indexed import open_tokens, read_index
-from kolm.manifest import load_shard_dir
+from kolm.data.indexed import open_tokens, read_index
+from kolm.data.manifest import load_shard_dir
 
 
 def _documents(shard_dir, tokenizer_dir) -> list[str]:

@@ -14,11 +14,11 @@ import torch
 from conftest import run_kolm
 from dist import run_ranks, train_records, write_recipe
 
-from kolm.config import load_config
-from kolm.health import GradNormWatch
-from kolm.packed import PackedDataset
-from kolm.presets import PRESETS, phi_config_dict
-from kolm.tokenizer import load_tokenizer_info
+from kolm.data.packed import PackedDataset
+from kolm.data.tokenizer import load_tokenizer_info
+from kolm.model.presets import PRESETS, phi_config_dict
+from kolm.train.config import load_config
+from kolm.train.health import GradNormWatch
 
 pytestmark = pytest.mark.slow
 # Ten layers: deep enough that a zero residual stream at position 0 blows the gradient up by
@@ -49,8 +49,8 @@ def _plain_autograd_norm(recipe, dtype: torch.dtype) -> float:
     """The step-1 gradient norm of the same initial weights on the same samples, without DeepSpeed."""
     from transformers import PhiForCausalLM
 
-    from kolm.metrics import token_stats
-    from kolm.train import prepare
+    from kolm.train.loop import prepare
+    from kolm.train.metrics import token_stats
 
     cfg = load_config(recipe)
     plan = prepare(cfg)
@@ -103,7 +103,7 @@ def test_the_eos_row_trains_and_the_export_pads_batched_prompts(runs, tmp_path, 
     from safetensors.torch import load_file
     from transformers import PhiForCausalLM, pipeline
 
-    from kolm.train import prepare
+    from kolm.train.loop import prepare
 
     cfg = load_config(recipe)
     torch.manual_seed(cfg.seed)

@@ -16,10 +16,10 @@ import pytest
 from conftest import run_kolm
 from dist import run_ranks, train_records, train_to_end, write_recipe
 
-from kolm.checkpoint import complete_checkpoints, find_resume, why_incomplete
-from kolm.corpus import bundled_corpus_files
+from kolm.data.corpus import bundled_corpus_files
+from kolm.data.tokenizer import train_tokenizer
 from kolm.files import sha256_file
-from kolm.tokenizer import train_tokenizer
+from kolm.train.checkpoint import complete_checkpoints, find_resume, why_incomplete
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent

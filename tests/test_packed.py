@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kolm.data.indexed import open_tokens
+from kolm.data.packed import PackedDataset, check_batch_layout
+from kolm.data.shard import ShardOptions, run_shard
 from kolm.errors import KolmError
-from kolm.indexed import open_tokens
-from kolm.packed import PackedDataset, check_batch_layout
-from kolm.shard import ShardOptions, run_shard
 
 SEQ = 32
 

@@ -29,10 +29,10 @@ import numpy as np
 import pytest
 from conftest import run_kolm
 
-from kolm import indexed as kolm_indexed
-from kolm.indexed import open_tokens, read_index, write_index
-from kolm.manifest import load_shard_dir
-from kolm.tokenizer import train_tokenizer
+from kolm.data import indexed as kolm_indexed
+from kolm.data.indexed import open_tokens, read_index, write_index
+from kolm.data.manifest import load_shard_dir
+from kolm.data.tokenizer import train_tokenizer
 
 # Small chunks, shards and units so that chunking, rollover and unit boundaries all happen.
 SMALL = ("--chunk-docs", "64", "--max-shard-tokens", "5000", "--unit-bytes", "40000")
@@ -302,7 +302,7 @@ def test_killed_runs_resume_to_byte_identical_output(tmp_path, korean_lines, tok
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     delays = [rng.uniform(0.1, 0.8) * full_run for _ in range(4)]
-    cmd = [sys.executable, "-m", "kolm.cli", *map(str, shard_args(corpus, tokenizer_dir, out, *options))]
+    cmd = [sys.executable, "-m", "kolm", *map(str, shard_args(corpus, tokenizer_dir, out, *options))]
     killed = kill_at_random(cmd, delays, tmp_path)
     context = f"seed {seed}, delays {delays}, killed {killed}"
     assert killed[0], f"the first run should have been cut short ({context})"
@@ -352,7 +352,7 @@ def test_verify_catches_a_truncated_bin(damaged):
 
 
 def test_verify_reports_a_different_tokenizer(tmp_path, small_shards):
-    from kolm.corpus import bundled_corpus_files
+    from kolm.data.corpus import bundled_corpus_files
 
     other = tmp_path / "other-tok"
     train_tokenizer(bundled_corpus_files(), other, vocab_size=1000, progress=False)
@@ -472,7 +472,7 @@ PEAK_RSS = (
 
 def peak_rss_kib(*args) -> int:
     """Peak resident memory of the largest process of one `kolm` run (the CLI or a worker)."""
-    cmd = [sys.executable, "-c", PEAK_RSS, sys.executable, "-m", "kolm.cli", *map(str, args)]
+    cmd = [sys.executable, "-c", PEAK_RSS, sys.executable, "-m", "kolm", *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env())
     assert proc.returncode == 0, proc.stderr
     return int(proc.stdout)

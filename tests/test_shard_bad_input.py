@@ -25,8 +25,8 @@ from test_shard import (
     write_lines,
 )
 
-from kolm.corpus import bundled_corpus_files
-from kolm.tokenizer import load_tokenizer_info, train_tokenizer
+from kolm.data.corpus import bundled_corpus_files
+from kolm.data.tokenizer import load_tokenizer_info, train_tokenizer
 
 OPTIONS = ("--valid-fraction", "0.1", "--workers", "1")
 
@@ -158,7 +158,7 @@ def test_an_unreadable_input_is_refused_and_nothing_is_lost(tmp_path, korean_lin
     before = tree_digest(existing, include_work=True)
     locked = write_lines(tmp_path / "locked.txt", korean_lines[:5])
     locked.chmod(0)
-    proc = subprocess.run([*without_permission_override(), sys.executable, "-m", "kolm.cli",
+    proc = subprocess.run([*without_permission_override(), sys.executable, "-m", "kolm",
                            *map(str, shard_args([locked], tokenizer_dir, existing, *OPTIONS))],
                           capture_output=True, text=True, env=clean_env())
     assert_user_error(proc, str(locked), "not readable")

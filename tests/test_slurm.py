@@ -14,7 +14,7 @@ import pytest
 from dist import train_records, train_to_end, write_recipe
 from slurm_cluster import REPO, finished, job, restarted, sbatch, scontrol, start_cluster, wait_job
 
-from kolm.checkpoint import complete_checkpoints
+from kolm.train.checkpoint import complete_checkpoints
 
 pytestmark = [
     pytest.mark.slow,

@@ -10,8 +10,8 @@ import torch
 from dist import run_ranks, train_records, write_recipe
 from soak import STRATEGIES, soak
 
-from kolm.checkpoint import complete_checkpoints
-from kolm.convert import consolidated_state_dict
+from kolm.export.convert import consolidated_state_dict
+from kolm.train.checkpoint import complete_checkpoints
 
 pytestmark = pytest.mark.slow
 

@@ -13,8 +13,8 @@ import pytest
 from conftest import run_kolm
 from dist import Ranks, run_ranks, train_records, train_to_end, wait_for, write_recipe
 
-from kolm.checkpoint import MARKER, complete_checkpoints
-from kolm.signals import EXIT_REQUEUE
+from kolm.train.checkpoint import MARKER, complete_checkpoints
+from kolm.train.signals import EXIT_REQUEUE
 
 pytestmark = pytest.mark.slow
 
@@ -164,7 +164,7 @@ def test_check_catches_layout_and_data_errors_before_any_process_group(tmp_path,
     other_tok = tmp_path / "tok2"
     from conftest import korean_corpus_files
 
-    from kolm.tokenizer import train_tokenizer
+    from kolm.data.tokenizer import train_tokenizer
 
     train_tokenizer(korean_corpus_files(), other_tok, vocab_size=600, progress=False)
     mismatch = _check(recipe, f"tokenizer={other_tok}")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import run_kolm
 
-from kolm.demo import PROMPT
+from kolm.cli.demo import PROMPT
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +69,7 @@ def test_demo_refuses_a_directory_made_from_another_corpus(demo, tmp_path):
 
 
 def test_demo_on_the_users_own_corpus_gets_its_own_directory(tmp_path):
-    from kolm.corpus import bundled_corpus_files
+    from kolm.data.corpus import bundled_corpus_files
 
     own = tmp_path / "constitution.txt"
     own.write_bytes(next(Path(f) for f in bundled_corpus_files() if f.endswith("constitution.txt")).read_bytes())

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+from kolm.data.indexed import open_tokens, read_index
 from kolm.errors import KolmError
 from kolm.files import read_json, sha256_file
-from kolm.indexed import open_tokens, read_index
 
 FORMAT = "kolm-shards"
 SPLITS = ("train", "valid")

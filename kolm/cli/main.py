@@ -160,14 +160,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "plan":
             return _plan(args)
         if args.command == "report":
-            from kolm.report import write_report
+            from kolm.cli.report import write_report
 
             text, paths = write_report(args.run_dir, args.out)
             print(text)
             print("plots: " + ", ".join(map(str, paths)))
             return 0
         if args.command == "demo":
-            from kolm.demo import run_demo
+            from kolm.cli.demo import run_demo
 
             run_demo(args.out, corpus=args.corpus, vocab_size=args.vocab_size, steps=args.steps,
                      max_new_tokens=args.max_new_tokens)
@@ -188,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from kolm import plan
-    from kolm.presets import get_shape
+    from kolm.model.presets import get_shape
+    from kolm.train import plan
 
     shape = get_shape(args.model)
     vocab = plan.resolve_vocab(args.vocab_size, shape)
@@ -210,13 +210,13 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from kolm.signals import GracefulStop
+    from kolm.train.signals import GracefulStop
 
     stop = GracefulStop()  # before the slow imports, so an early USR1/TERM cannot kill the run
-    from kolm.config import load_config
+    from kolm.train.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    from kolm.train import prepare, train
+    from kolm.train.loop import prepare, train
 
     if args.check:
         plan = prepare(cfg)
@@ -228,7 +228,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _inference(args: argparse.Namespace) -> int:
     if args.command == "convert":
-        from kolm.convert import convert
+        from kolm.export.convert import convert
 
         r = convert(args.src, args.out, tag=args.tag, best=args.best, dtype=args.dtype, tokenizer=args.tokenizer,
                     force=args.force, max_shard_size=args.max_shard_size)
@@ -236,7 +236,7 @@ def _inference(args: argparse.Namespace) -> int:
               f"difference {r['max_logit_error']:.2e} against the consolidated fp32 weights")
         return 0
     if args.command == "generate":
-        from kolm.generate import generate, load_prompts
+        from kolm.export.generate import generate, load_prompts
 
         texts = generate(args.model, load_prompts(args.prompts, args.prompts_file), args.max_new_tokens,
                          args.repetition_penalty, not args.greedy, args.temperature, args.top_p, args.seed)
@@ -244,7 +244,7 @@ def _inference(args: argparse.Namespace) -> int:
             print(text)
             print("---")
         return 0
-    from kolm.evaluate import evaluate_model
+    from kolm.export.evaluate import evaluate_model
 
     r = evaluate_model(args.model, args.data, args.split, args.seq_len, args.micro_batch, args.max_samples, args.tag)
     print(f"{r['split']}: loss {r['eval_loss']:.4f}, perplexity {r['eval_perplexity']:.3f}, "
@@ -254,7 +254,7 @@ def _inference(args: argparse.Namespace) -> int:
 
 
 def _tokenizer_train(args: argparse.Namespace) -> int:
-    from kolm.tokenizer import train_tokenizer
+    from kolm.data.tokenizer import train_tokenizer
 
     report = train_tokenizer(
         args.input, args.out, args.vocab_size, min_frequency=args.min_frequency,
@@ -276,7 +276,7 @@ def format_tokenizer_report(r: dict) -> str:
 
 
 def _shard(args: argparse.Namespace) -> int:
-    from kolm.shard import ShardOptions, default_task, run_shard
+    from kolm.data.shard import ShardOptions, default_task, run_shard
 
     num_tasks, task_index = default_task()
     # Defaults live in ShardOptions; the command line only overrides what it was given.
@@ -315,20 +315,20 @@ def format_shard_summary(out: str, m: dict, seconds: float) -> str:
 
 
 def _shard_tool(tool: str, args: argparse.Namespace) -> int:
-    from kolm import manifest
+    from kolm.data import manifest
 
     if tool == "stats":
         print(manifest.stats_table(args.dir))
         return 0
     if tool == "merge":
-        from kolm.shard import finalize
+        from kolm.data.shard import finalize
 
         m = finalize(args.dir)
         print(format_shard_summary(args.dir, m, 0.0))
         return 0
     fingerprint = None
     if args.tokenizer:
-        from kolm.tokenizer import load_tokenizer_info
+        from kolm.data.tokenizer import load_tokenizer_info
 
         fingerprint = load_tokenizer_info(args.tokenizer).fingerprint()
     problems = manifest.verify(args.dir, fingerprint)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kolm.config import RunConfig
 from kolm.errors import KolmError
+from kolm.train.config import RunConfig
 
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
+REPO_CONFIGS = Path(__file__).resolve().parent / "ds_configs"
 
 
 def template_path(cfg: RunConfig) -> Path:

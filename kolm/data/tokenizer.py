@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from kolm.corpus import Decoder, find_inputs, iter_chunks, plan_units
+from kolm.data.corpus import Decoder, find_inputs, iter_chunks, plan_units
 from kolm.errors import KolmError
 from kolm.files import sha256_file
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from kolm.corpus import bundled_corpus_files
+from kolm.data.corpus import bundled_corpus_files
 from kolm.errors import KolmError
 from kolm.files import atomic_write_json
 
@@ -51,7 +51,7 @@ def demo_recipe(root: Path, steps: int, gpu: bool, nproc: int) -> dict:
 
 
 def _finished(run_dir: Path, steps: int) -> bool:
-    from kolm.checkpoint import complete_checkpoints
+    from kolm.train.checkpoint import complete_checkpoints
 
     done = complete_checkpoints(run_dir / "checkpoints")
     return bool(done) and done[0].step >= steps
@@ -123,11 +123,11 @@ def run_demo(out: str | None, corpus: list[str] | None = None, vocab_size: int =
     """Run (or finish) every stage under ``out``; returns where things were written and the results."""
     import torch
 
-    from kolm.cli import format_shard_summary, format_tokenizer_report
-    from kolm.convert import convert
-    from kolm.generate import generate
-    from kolm.shard import ShardOptions, run_shard
-    from kolm.tokenizer import train_tokenizer
+    from kolm.cli.main import format_shard_summary, format_tokenizer_report
+    from kolm.data.shard import ShardOptions, run_shard
+    from kolm.data.tokenizer import train_tokenizer
+    from kolm.export.convert import convert
+    from kolm.export.generate import generate
 
     root = Path(out or default_out(corpus)).resolve()
     inputs = corpus or bundled_corpus_files()

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
+from kolm.data.manifest import check_tokenizer, load_shard_dir
+from kolm.data.packed import PackedDataset
+from kolm.data.tokenizer import load_tokenizer_info
 from kolm.errors import KolmError
-from kolm.manifest import check_tokenizer, load_shard_dir
-from kolm.metrics import EvalTotals, token_stats
-from kolm.packed import PackedDataset
-from kolm.presets import untie_padding
-from kolm.tokenizer import load_tokenizer_info
+from kolm.model.presets import untie_padding
+from kolm.train.metrics import EvalTotals, token_stats
 
 
 def load_model(source: str, tag: str | None = None):
@@ -22,11 +22,11 @@ def load_model(source: str, tag: str | None = None):
     if (p / "config.json").is_file():
         from transformers import AutoModelForCausalLM
 
-        from kolm.convert import EXPORT_INFO
+        from kolm.export.convert import EXPORT_INFO
 
         info = json.loads((p / EXPORT_INFO).read_text()) if (p / EXPORT_INFO).is_file() else {}
         return AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32).eval(), p, info.get("seq_len")
-    from kolm.convert import consolidated_state_dict, model_from_state_dict, resolve_checkpoint
+    from kolm.export.convert import consolidated_state_dict, model_from_state_dict, resolve_checkpoint
 
     ckpt = resolve_checkpoint(source, tag)
     config_dict = untie_padding(ckpt.marker["model_config"])[0]

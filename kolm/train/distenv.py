@@ -104,7 +104,7 @@ def start_process_group() -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    from kolm.jitops import load_start_up_ops
+    from kolm.train.jitops import load_start_up_ops
 
     load_start_up_ops()
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)

@@ -16,9 +16,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from kolm.data.indexed import open_tokens
+from kolm.data.manifest import load_shard_dir
 from kolm.errors import KolmError
-from kolm.indexed import open_tokens
-from kolm.manifest import load_shard_dir
 
 
 class PackedDataset:

@@ -16,15 +16,12 @@ from pathlib import Path
 
 import torch
 
-from kolm import checkpoint, distenv, dsconfig
-from kolm.config import RunConfig
+from kolm.data.manifest import check_tokenizer, load_shard_dir
+from kolm.data.packed import PackedDataset, check_batch_layout
+from kolm.data.tokenizer import load_tokenizer_info
 from kolm.errors import KolmError
 from kolm.files import atomic_write_json
-from kolm.health import GradNormWatch
-from kolm.manifest import check_tokenizer, load_shard_dir
-from kolm.metrics import EvalTotals, MetricSinks, device_peak_flops, token_stats
-from kolm.packed import PackedDataset, check_batch_layout
-from kolm.presets import (
+from kolm.model.presets import (
     build_config,
     flops_per_token,
     get_shape,
@@ -33,8 +30,11 @@ from kolm.presets import (
     phi_config_dict,
     untie_padding,
 )
-from kolm.signals import EXIT_REQUEUE, GracefulStop
-from kolm.tokenizer import load_tokenizer_info
+from kolm.train import checkpoint, distenv, dsconfig
+from kolm.train.config import RunConfig
+from kolm.train.health import GradNormWatch
+from kolm.train.metrics import EvalTotals, MetricSinks, device_peak_flops, token_stats
+from kolm.train.signals import EXIT_REQUEUE, GracefulStop
 
 EXIT_NONFINITE = 3
 # Recipe keys a checkpoint's optimizer, learning-rate schedule or sample order were built from.

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from kolm import checkpoint
+from kolm.data.tokenizer import load_tokenizer_info
 from kolm.errors import KolmError
-from kolm.presets import padded_vocab, untie_padding
-from kolm.tokenizer import load_tokenizer_info
+from kolm.model.presets import padded_vocab, untie_padding
+from kolm.train import checkpoint
 
 PROMPT = "밥을 먹고 나면 늘 하는 생각이 있는데"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 
 from kolm.errors import KolmError
-from kolm.presets import PhiShape, flops_per_token, get_shape, padded_vocab, parameter_count
+from kolm.model.presets import PhiShape, flops_per_token, get_shape, padded_vocab, parameter_count
 
 # name: (label, memory in GiB, dense bf16 TFLOP/s from the data sheet)
 GPUS = {
@@ -199,10 +199,10 @@ def measure(model: str, vocab: int, seq_len: int, micro_batch: int, zero_stage: 
     """Model-state and activation bytes of a real single-process DeepSpeed engine (bf16) on this device."""
     import torch
 
-    from kolm import distenv, dsconfig
-    from kolm.config import RunConfig
-    from kolm.metrics import token_stats
-    from kolm.presets import build_config
+    from kolm.model.presets import build_config
+    from kolm.train import distenv, dsconfig
+    from kolm.train.config import RunConfig
+    from kolm.train.metrics import token_stats
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kolm.corpus import (
+from kolm.data.corpus import (
     FIRST,
     LAST,
     NORMALIZATION,
@@ -44,11 +44,11 @@ from kolm.corpus import (
     iter_chunks,
     plan_units,
 )
+from kolm.data.indexed import token_dtype, write_index
+from kolm.data.manifest import seal
+from kolm.data.tokenizer import TokenizerInfo, load_tokenizer_info
 from kolm.errors import KolmError
 from kolm.files import atomic_write_json, fsync_dir, read_json, sha256_file, sha256_update
-from kolm.indexed import token_dtype, write_index
-from kolm.manifest import seal
-from kolm.tokenizer import TokenizerInfo, load_tokenizer_info
 
 SPLITS = ("train", "valid")
 MANIFEST_FORMAT = "kolm-shards"
@@ -551,7 +551,7 @@ def run_shard(
 
 
 def _segments(files: list[InputFile], unit: list) -> tuple:
-    from kolm.corpus import Segment
+    from kolm.data.corpus import Segment
 
     by_path = {f.path: f for f in files}
     return tuple(Segment(by_path[p], start, end) for p, start, end in unit)

@@ -1,0 +1,1 @@
+"""Stage 4, export: checkpoints to Hugging Face directories, generation and evaluation."""
