@@ -27,7 +27,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-KOLM_HOME = Path(__file__).resolve().parent.parent
+
+def site_script() -> str | None:
+    """The cluster settings every job sources first: $KOLM_HOME/slurm/site.sh when KOLM_HOME is set,
+    else the site.sh of the checkout this launcher was imported from. An installed kolm outside a
+    checkout has none; then the submitting shell's environment (sbatch exports it) is all there is."""
+    home = os.environ.get("KOLM_HOME")
+    candidates = [Path(home)] if home else [Path(__file__).resolve().parent.parent, Path.cwd()]
+    found = next((c / "slurm" / "site.sh" for c in candidates if (c / "slurm" / "site.sh").is_file()), None)
+    return str(found) if found else None
 
 
 @dataclass
@@ -48,6 +56,7 @@ class SubmitOptions:
     cluster: str | None = None  # slurm, local or debug; None: slurm when sbatch exists, else local
     log_dir: str = "submitit-logs"
     job_name: str = "kolm-pretrain"
+    site: str | None = field(default_factory=site_script)  # slurm/site.sh, sourced by every job
     # The interpreter every task runs, and a command prefix (a container), as in slurm/site.sh.
     python: str = field(default_factory=lambda: os.environ.get("KOLM_PYTHON") or sys.executable)
     container: str = field(default_factory=lambda: os.environ.get("KOLM_CONTAINER", ""))
@@ -136,7 +145,7 @@ def make_executor(opts: SubmitOptions):
         # One task failing (a bad shard, an OOM) ends the others at once, as srun in
         # slurm/pretrain.sbatch does, instead of leaving them blocked in a collective.
         params.update(slurm_signal_delay_s=opts.signal_delay_s, slurm_srun_args=["--kill-on-bad-exit=1"],
-                      slurm_setup=[f"source {shlex.quote(str(KOLM_HOME / 'slurm' / 'site.sh'))}"],
+                      slurm_setup=[f"source {shlex.quote(opts.site)}"] if opts.site else [],
                       slurm_additional_parameters=dict(opts.sbatch))
         if opts.partition:
             params["slurm_partition"] = opts.partition

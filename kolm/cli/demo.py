@@ -2,33 +2,64 @@
 
 tokenizer -> shards -> a small Phi trained with DeepSpeed on 2 local processes (CPU) or every
 GPU -> Hugging Face directory -> generated Korean text, with validation perplexity before and
-after training."""
+after training. Progress goes to stderr; the results to stdout."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from kolm.data.corpus import bundled_corpus_files
 from kolm.errors import KolmError
+from kolm.export.generate import SEED_PROMPT, GenerationSettings
 from kolm.files import atomic_write_json
+from kolm.log import say
 
-PROMPT = "밥을 먹고 나면 늘 하는 생각이 있는데"  # the seed's prompt
+
+@dataclass
+class DemoOptions:
+    """Every default of `kolm demo`."""
+
+    out: str | None = None  # None: ./kolm-demo, or ./kolm-demo-NAME with a corpus of the user's
+    corpus: list[str] | None = None  # None: the bundled Korean texts
+    vocab_size: int = 8000
+    steps: int = 300
+    max_new_tokens: int = 40
+
+    @property
+    def root(self) -> Path:
+        default = f"kolm-demo-{Path(self.corpus[0]).name.split('.')[0]}" if self.corpus else "kolm-demo"
+        return Path(self.out or default).resolve()
+
+
+@dataclass
+class DemoResult:
+    root: Path
+    generated: str
+    perplexity_before: float
+    perplexity_after: float
+
+    def path(self, key: str) -> Path:
+        return self.root / ("recipe.yaml" if key == "recipe" else key)
+
+    def __str__(self) -> str:
+        lines = [f"generated: {self.generated}",
+                 f"validation perplexity: {self.perplexity_before:,.1f} before training -> "
+                 f"{self.perplexity_after:,.1f} after"]
+        lines += [f"{key:>10}: {self.path(key)}" for key in ("tokenizer", "shards", "recipe", "run", "model")]
+        lines.append(f"next: kolm report {self.path('run')}    kolm generate {self.path('model')} \"{SEED_PROMPT}\"")
+        return "\n".join(lines)
 
 
 def _stage(name: str) -> None:
-    print(f"\n== {name}", file=sys.stderr, flush=True)
-
-
-def _note(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    say(f"== {name}")
 
 
 def demo_recipe(root: Path, steps: int, gpu: bool, nproc: int) -> dict:
@@ -50,13 +81,6 @@ def demo_recipe(root: Path, steps: int, gpu: bool, nproc: int) -> dict:
     }
 
 
-def _finished(run_dir: Path, steps: int) -> bool:
-    from kolm.train.checkpoint import complete_checkpoints
-
-    done = complete_checkpoints(run_dir / "checkpoints")
-    return bool(done) and done[0].step >= steps
-
-
 def train_processes(gpu: bool) -> tuple[int, dict]:
     """How many local ranks, and their environment: every GPU, else 2 CPU processes."""
     import torch
@@ -75,8 +99,8 @@ def run_training(recipe: Path, gpu: bool) -> None:
     n, env = train_processes(gpu)
     if n < 1:
         raise KolmError("CUDA is available but reports no devices; check CUDA_VISIBLE_DEVICES")
-    _note(f"{n} {'GPU' if gpu else 'CPU'} processes: torchrun --standalone --nproc-per-node {n} "
-          f"-m kolm train --config {recipe}")
+    say(f"{n} {'GPU' if gpu else 'CPU'} processes: torchrun --standalone --nproc-per-node {n} "
+        f"-m kolm train --config {recipe}")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
                "-m", "kolm", "train", "--config", str(recipe)]
     # Its log goes to stderr with the other stages; stdout is left for the results.
@@ -104,81 +128,87 @@ def check_same_inputs(root: Path, inputs: list[str], vocab_size: int, steps: int
     atomic_write_json(stamp, wanted)
 
 
-def default_out(corpus: list[str] | None) -> str:
-    """./kolm-demo for the bundled corpus, ./kolm-demo-NAME for the user's own text."""
-    return f"kolm-demo-{Path(corpus[0]).name.split('.')[0]}" if corpus else "kolm-demo"
-
-
 def perplexities(run_dir: Path) -> tuple[float, float]:
     """Validation perplexity of the initial model and of the trained one, from metrics.jsonl."""
-    evals = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-             if r.get("kind") == "eval"]
+    from kolm.train.metrics import read_metrics
+
+    evals = read_metrics(run_dir).evals
     if not evals or evals[0]["step"] != 0:
         raise KolmError(f"{run_dir}/metrics.jsonl has no step-0 evaluation; remove {run_dir} and run again")
     return evals[0]["eval_perplexity"], evals[-1]["eval_perplexity"]
 
 
-def run_demo(out: str | None, corpus: list[str] | None = None, vocab_size: int = 8000, steps: int = 300,
-             max_new_tokens: int = 40) -> dict:
-    """Run (or finish) every stage under ``out``; returns where things were written and the results."""
-    import torch
-
-    from kolm.cli.main import format_shard_summary, format_tokenizer_report
-    from kolm.data.shard import ShardOptions, run_shard
+def _tokenizer_stage(opts: DemoOptions, inputs: list[str]) -> None:
     from kolm.data.tokenizer import train_tokenizer
-    from kolm.export.convert import convert
-    from kolm.export.generate import generate
 
-    root = Path(out or default_out(corpus)).resolve()
-    inputs = corpus or bundled_corpus_files()
-    check_same_inputs(root, inputs, vocab_size, steps)
-    tok_dir, shard_dir, run_dir, model_dir = root / "tokenizer", root / "shards", root / "run", root / "model"
-    gpu = torch.cuda.is_available()
-    started = time.perf_counter()
-
-    _stage(f"1/5 tokenizer: byte-level BPE, vocabulary {vocab_size}, on {len(inputs)} files")
+    tok_dir = opts.root / "tokenizer"
+    _stage(f"1/5 tokenizer: byte-level BPE, vocabulary {opts.vocab_size}, on {len(inputs)} files")
     if (tok_dir / "tokenizer.json").is_file():
-        _note(f"reusing {tok_dir} (already trained)")
+        say(f"reusing {tok_dir} (already trained)")
     else:
-        _note(format_tokenizer_report(train_tokenizer(inputs, tok_dir, vocab_size)))
+        say(str(train_tokenizer(inputs, tok_dir, opts.vocab_size)))
+
+
+def _shard_stage(opts: DemoOptions, inputs: list[str]) -> None:
+    from kolm.data.manifest import ShardSummary
+    from kolm.data.shard import ShardOptions, run_shard
 
     _stage("2/5 shard: tokenize once into MMIDIDX shards")
-    t0 = time.perf_counter()
+    started = time.perf_counter()
     # The bundled corpus is small: hold out 5% so validation has text to score.
-    manifest = run_shard(inputs, str(tok_dir), shard_dir, ShardOptions(valid_fraction=0.05))
-    _note(format_shard_summary(str(shard_dir), manifest, time.perf_counter() - t0))
+    shard_dir = opts.root / "shards"
+    manifest = run_shard(inputs, str(opts.root / "tokenizer"), shard_dir, ShardOptions(valid_fraction=0.05))
+    say(str(ShardSummary(str(shard_dir), manifest, time.perf_counter() - started)))
 
-    _stage(f"3/5 train: phi-tiny, {steps} steps, DeepSpeed ZeRO-2")
-    recipe_path = root / "recipe.yaml"
-    recipe = demo_recipe(root, steps, gpu, train_processes(gpu)[0])
+
+def _train_stage(opts: DemoOptions, gpu: bool) -> tuple[float, float]:
+    from kolm.train.checkpoint import complete_checkpoints
+
+    _stage(f"3/5 train: phi-tiny, {opts.steps} steps, DeepSpeed ZeRO-2")
+    recipe_path, run_dir = opts.root / "recipe.yaml", opts.root / "run"
+    recipe = demo_recipe(opts.root, opts.steps, gpu, train_processes(gpu)[0])
     recipe_path.write_text(yaml.safe_dump(recipe, allow_unicode=True, sort_keys=False), encoding="utf-8")
-    if _finished(run_dir, steps):
-        _note(f"reusing {run_dir} (already trained {steps} steps)")
+    done = complete_checkpoints(run_dir / "checkpoints")
+    if done and done[0].step >= opts.steps:
+        say(f"reusing {run_dir} (already trained {opts.steps} steps)")
     else:
         run_training(recipe_path, gpu)
-    before, after = perplexities(run_dir)
+    return perplexities(run_dir)
+
+
+def _convert_stage(opts: DemoOptions, gpu: bool) -> None:
+    from kolm.export.convert import convert
 
     _stage("4/5 convert: DeepSpeed checkpoint -> Hugging Face directory")
+    model_dir = opts.root / "model"
     if (model_dir / "kolm_export.json").is_file():
-        _note(f"reusing {model_dir} (already converted)")
-    else:
-        with contextlib.redirect_stdout(sys.stderr):  # stdout is left for the results
-            report = convert(str(run_dir), str(model_dir), dtype="bf16" if gpu else "fp32")
-        _note(f"wrote {model_dir}; logits match the checkpoint (max error {report['max_logit_error']:.2e})")
+        say(f"reusing {model_dir} (already converted)")
+        return
+    report = convert(str(opts.root / "run"), str(model_dir), dtype="bf16" if gpu else "fp32")
+    say(f"wrote {model_dir}; logits match the checkpoint (max error {report.max_logit_error:.2e})")
 
-    _stage(f"5/5 generate: pipeline('text-generation') from {PROMPT!r}")
-    with contextlib.redirect_stdout(sys.stderr):
-        # The bundled texts are short lines: without a minimum the model often ends after a few words.
-        text = generate(str(model_dir), [PROMPT], max_new_tokens=max_new_tokens,
-                        min_new_tokens=max_new_tokens // 2)[0]
 
-    result = {"tokenizer": str(tok_dir), "shards": str(shard_dir), "recipe": str(recipe_path),
-              "run": str(run_dir), "model": str(model_dir), "perplexity_before": before,
-              "perplexity_after": after, "generated": text}
+def _generate_stage(opts: DemoOptions) -> str:
+    from kolm.export.generate import generate
+
+    _stage(f"5/5 generate: pipeline('text-generation') from {SEED_PROMPT!r}")
+    # The bundled texts are short lines: without a minimum the model often ends after a few words.
+    settings = GenerationSettings(max_new_tokens=opts.max_new_tokens, min_new_tokens=opts.max_new_tokens // 2)
+    return generate(str(opts.root / "model"), [SEED_PROMPT], settings)[0]
+
+
+def run_demo(opts: DemoOptions) -> DemoResult:
+    """Run (or finish) every stage under ``opts.root``."""
+    import torch
+
+    inputs = opts.corpus or bundled_corpus_files()
+    check_same_inputs(opts.root, inputs, opts.vocab_size, opts.steps)
+    gpu = torch.cuda.is_available()
+    started = time.perf_counter()
+    _tokenizer_stage(opts, inputs)
+    _shard_stage(opts, inputs)
+    before, after = _train_stage(opts, gpu)
+    _convert_stage(opts, gpu)
+    text = _generate_stage(opts)
     _stage(f"done in {time.perf_counter() - started:.0f} s")
-    print(f"generated: {text}")
-    print(f"validation perplexity: {before:,.1f} before training -> {after:,.1f} after")
-    for key in ("tokenizer", "shards", "recipe", "run", "model"):
-        print(f"{key:>10}: {result[key]}")
-    print(f"next: kolm report {run_dir}    kolm generate {model_dir} \"{PROMPT}\"")
-    return result
+    return DemoResult(opts.root, text, before, after)

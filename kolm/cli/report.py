@@ -2,37 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
 
 from kolm.errors import KolmError
+from kolm.train.metrics import read_metrics
 
 PLOTS = ("loss.png", "lr.png", "throughput.png")
-
-
-def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(train records, eval records) from a run directory's metrics.jsonl, in step order."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise KolmError(f"{path} not found: give the run directory of a `kolm train` run (its run_dir)")
-    train: list[dict] = []
-    evals: list[dict] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            # A run killed mid-write leaves at most a torn last line.
-            if number == len(path.read_text(encoding="utf-8").splitlines()):
-                continue
-            raise KolmError(f"{path}:{number} is not JSON; the metrics file is damaged") from None
-        (evals if record.get("kind") == "eval" else train).append(record)
-    if not train:
-        raise KolmError(f"{path} has no training steps yet")
-    return sorted(train, key=lambda r: r["step"]), sorted(evals, key=lambda r: r["step"])
 
 
 def smooth(values: list[float], weight: float) -> list[float]:
@@ -74,14 +51,16 @@ def plot(train: list[dict], evals: list[dict], out: Path, title: str) -> list[Pa
     import matplotlib
 
     matplotlib.use("Agg")
+    out.mkdir(parents=True, exist_ok=True)
+    return [_plot_loss(train, evals, out / "loss.png", title), _plot_lr(train, out / "lr.png", title),
+            _plot_throughput(train, out / "throughput.png", title)]
+
+
+def _plot_loss(train: list[dict], evals: list[dict], path: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    steps = [r["step"] for r in train]
-    tokens = [r["tokens"] / 1e6 for r in train]
-
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    tokens = [r["tokens"] / 1e6 for r in train]
     losses = [r["loss"] for r in train]
     ax.plot(tokens, losses, color="tab:blue", alpha=0.25, linewidth=0.8)
     ax.plot(tokens, smooth(losses, 0.9), color="tab:blue", label="train (smoothed)")
@@ -91,14 +70,22 @@ def plot(train: list[dict], evals: list[dict], out: Path, title: str) -> list[Pa
     ax.set(xlabel="tokens (millions)", ylabel="cross-entropy loss", title=f"{title}: loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    written.append(_save(fig, out / "loss.png"))
+    return _save(fig, path)
+
+
+def _plot_lr(train: list[dict], path: Path, title: str) -> Path:
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.plot(steps, [r["lr"] for r in train], color="tab:green")
+    ax.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:green")
     ax.set(xlabel="step", ylabel="learning rate", title=f"{title}: learning rate")
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     ax.grid(alpha=0.3)
-    written.append(_save(fig, out / "lr.png"))
+    return _save(fig, path)
+
+
+def _plot_throughput(train: list[dict], path: Path, title: str) -> Path:
+    import matplotlib.pyplot as plt
 
     speed = [r for r in train if "tokens_per_s" in r]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
@@ -108,8 +95,7 @@ def plot(train: list[dict], evals: list[dict], out: Path, title: str) -> list[Pa
     bottom.set(xlabel="step", ylabel="MFU (%)")
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
-    written.append(_save(fig, out / "throughput.png"))
-    return written
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:
@@ -126,7 +112,10 @@ def _save(fig, path: Path) -> Path:
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> tuple[str, list[Path]]:
     """Plots into ``out`` (default RUN_DIR/report) and summary.txt; returns (summary, plot paths)."""
     run = Path(run_dir)
-    train, evals = read_metrics(run)
+    metrics = read_metrics(run)
+    if not metrics.train:
+        raise KolmError(f"{run / 'metrics.jsonl'} has no training steps yet")
+    train, evals = metrics.train, metrics.evals
     target = Path(out) if out else run / "report"
     paths = plot(train, evals, target, run.resolve().name)
     text = summarize(train, evals)

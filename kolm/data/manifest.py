@@ -1,4 +1,6 @@
-"""A shard directory as a whole: loading its manifest, verifying every shard, summarizing it."""
+"""The shard directory's manifest.json: its format (owned here: written by `kolm shard` through
+`build`, read by everything else through `load_shard_dir`), verification of every shard against
+it, and its statistics."""
 
 from __future__ import annotations
 
@@ -13,8 +15,12 @@ from kolm.errors import KolmError
 from kolm.files import read_json, sha256_file
 
 FORMAT = "kolm-shards"
+VERSION = 1
 SPLITS = ("train", "valid")
 CHECKSUM = "checksum"
+MANIFEST = "manifest.json"
+# The fields that identify what a shard directory was built from (a rerun must match them).
+IDENTITY_KEYS = ("format", "version", "tokenizer", "dtype", "options", "inputs")
 
 
 def manifest_checksum(manifest: dict) -> str:
@@ -29,6 +35,35 @@ def manifest_checksum(manifest: dict) -> str:
 def seal(manifest: dict) -> dict:
     """The manifest with its checksum, so that a hand edit is caught when it is loaded."""
     return {**manifest, CHECKSUM: manifest_checksum(manifest)}
+
+
+def identity(tokenizer: dict, dtype: str, options: dict, inputs: list[dict]) -> dict:
+    """What a shard directory is built from; recorded in its plan and its manifest."""
+    return {"format": FORMAT, "version": VERSION, "tokenizer": tokenizer, "dtype": dtype, "options": options,
+            "inputs": inputs}
+
+
+def build(plan: dict, shards: list[dict], stats: dict) -> dict:
+    """The sealed manifest of a finished sharding run: its identity, every shard, the totals."""
+    shards = sorted(shards, key=lambda e: (SPLITS.index(e["split"]), e["path"]))
+    splits = {s: _split_totals(shards, s) for s in SPLITS}
+    manifest = {**{k: plan[k] for k in IDENTITY_KEYS}, "shards": shards, "splits": splits,
+                "corpus": _corpus_totals(stats, splits)}
+    if manifest["corpus"]["documents"] == 0:
+        raise KolmError("the corpus holds no text: every line was empty or skipped")
+    return seal(manifest)
+
+
+def _split_totals(shards: list[dict], split: str) -> dict:
+    mine = [e for e in shards if e["split"] == split]
+    return {key: sum(e[key] for e in mine) for key in ("documents", "tokens", "characters")} | {"shards": len(mine)}
+
+
+def _corpus_totals(stats: dict, splits: dict) -> dict:
+    counted = ("skipped_empty", "repaired_utf8", "long_documents", "malformed_skipped")
+    return {"records": stats.get("records", 0),
+            **{key: sum(v[key] for v in splits.values()) for key in ("documents", "tokens", "characters")},
+            **{key: stats.get(key, 0) for key in counted}}
 
 
 @dataclass
@@ -56,7 +91,7 @@ class ShardDir:
 def load_shard_dir(path: str | os.PathLike) -> ShardDir:
     """Open a finished shard directory; a missing or hand-broken manifest is a clear error."""
     p = Path(path)
-    mf = p / "manifest.json"
+    mf = p / MANIFEST
     if not p.is_dir():
         raise KolmError(f"{p}: no such shard directory; create it with `kolm shard`")
     if not mf.is_file():
@@ -167,3 +202,26 @@ def stats_table(path: str | os.PathLike) -> str:
         f"{c['malformed_skipped']} malformed skipped; dtype {sd.dtype.name}, vocab {sd.tokenizer['vocab_size']}"
     )
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ShardSummary:
+    """What a sharding run (or `kolm shard merge`) wrote, for the command's output."""
+
+    out: str
+    manifest: dict
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        m, c = self.manifest, self.manifest["corpus"]
+        lines = [f"shards written to {self.out}: {len(m['shards'])} shards, {c['documents']} documents, "
+                 f"{c['tokens']} tokens, {c['characters']} characters "
+                 f"({c['characters'] / max(c['tokens'], 1):.3f} chars/token) in {self.seconds:.1f}s"]
+        for split, s in m["splits"].items():
+            lines.append(f"  {split}: {s['documents']} documents, {s['tokens']} tokens in {s['shards']} shards")
+        lines.append(f"  skipped {c['skipped_empty']} empty lines, repaired {c['repaired_utf8']} lines with invalid "
+                     f"UTF-8, {c['long_documents']} long documents streamed in pieces, {c['malformed_skipped']} "
+                     "malformed skipped")
+        if m["splits"]["valid"]["documents"] == 0:
+            lines.append("  warning: the validation split is empty; raise --valid-fraction for evaluation")
+        return "\n".join(lines)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kolm.data import manifest as mf
 from kolm.data.corpus import (
     FIRST,
     LAST,
@@ -45,16 +46,14 @@ from kolm.data.corpus import (
     plan_units,
 )
 from kolm.data.indexed import token_dtype, write_index
-from kolm.data.manifest import seal
 from kolm.data.tokenizer import TokenizerInfo, load_tokenizer_info
 from kolm.errors import KolmError
 from kolm.files import atomic_write_json, fsync_dir, read_json, sha256_file, sha256_update
+from kolm.log import say, warn
 
-SPLITS = ("train", "valid")
-MANIFEST_FORMAT = "kolm-shards"
-MANIFEST_VERSION = 1
+SPLITS = mf.SPLITS
 WORK = ".work"
-OWNED = ("manifest.json", WORK, *SPLITS)
+OWNED = (mf.MANIFEST, WORK, *SPLITS)
 
 
 @dataclass(frozen=True)
@@ -356,7 +355,7 @@ class UnitJob:
                 self.chunks_done = state["chunks"]
                 return True
             except (_Unusable, KeyError) as e:
-                print(f"unit {self.unit.index}: journal unusable ({e}); restarting the unit", file=sys.stderr)
+                warn(f"unit {self.unit.index}: journal unusable ({e}); restarting the unit")
                 self.__init__(self.out, self.unit, self.writers["train"].dtype, self.options)
         self._purge()
         return False
@@ -437,21 +436,12 @@ def make_plan(files: list[InputFile], tok: TokenizerInfo, options: ShardOptions)
 
 
 def _identity(files: list[InputFile], tok: TokenizerInfo, options: ShardOptions) -> dict:
-    return {
-        "format": MANIFEST_FORMAT,
-        "version": MANIFEST_VERSION,
-        "tokenizer": tok.fingerprint(),
-        "dtype": token_dtype(tok.vocab_size).name,
-        "options": options.as_dict(),
-        "inputs": [{"path": f.path, "format": f.format, "bytes": f.size} for f in files],
-    }
-
-
-IDENTITY_KEYS = ("format", "version", "tokenizer", "dtype", "options", "inputs")
+    inputs = [{"path": f.path, "format": f.format, "bytes": f.size} for f in files]
+    return mf.identity(tok.fingerprint(), token_dtype(tok.vocab_size).name, options.as_dict(), inputs)
 
 
 def _describe_difference(old: dict, new: dict) -> str:
-    keys = [k for k in IDENTITY_KEYS + ("mtimes_ns",) if k in old and old.get(k) != new.get(k)]
+    keys = [k for k in mf.IDENTITY_KEYS + ("mtimes_ns",) if k in old and old.get(k) != new.get(k)]
     what = {
         "tokenizer": "a different tokenizer",
         "options": "different options",
@@ -464,7 +454,7 @@ def _describe_difference(old: dict, new: dict) -> str:
 
 def prepare_output(out: Path, plan: dict, overwrite: bool) -> bool:
     """Check the output directory against the plan. Returns True if it is already complete."""
-    manifest = out / "manifest.json"
+    manifest = out / mf.MANIFEST
     plan_file = out / WORK / "plan.json"
     if overwrite:
         for name in OWNED:
@@ -475,7 +465,7 @@ def prepare_output(out: Path, plan: dict, overwrite: bool) -> bool:
                 p.unlink()
     if manifest.is_file():
         existing = read_json(manifest)
-        if all(existing.get(k) == plan[k] for k in IDENTITY_KEYS):
+        if all(existing.get(k) == plan[k] for k in mf.IDENTITY_KEYS):
             return True
         raise KolmError(
             f"{out} already holds a finished dataset built from {_describe_difference(existing, plan)}; "
@@ -529,23 +519,20 @@ def run_shard(
     plan = make_plan(files, tok, options)
     out = Path(out)
     if prepare_output(out, plan, overwrite):
-        print(f"{out}: already complete; nothing to do", file=sys.stderr)
-        return read_json(out / "manifest.json")
+        say(f"{out}: already complete; nothing to do")
+        return read_json(out / mf.MANIFEST)
     units = [Unit(i, _segments(files, u)) for i, u in enumerate(plan["units"]) if i % num_tasks == task_index]
     dtype = np.dtype(plan["dtype"])
     jobs = [UnitJob(out, u, dtype, options) for u in units]
     todo = [j for j in jobs if not j.done_path.is_file()]
     if len(todo) < len(jobs):
-        print(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} units already done", file=sys.stderr)
+        say(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} units already done")
     if todo:
         _run_units(todo, tok, dtype, options, workers, progress, checkpoint_seconds)
     missing = _missing_units(out, len(plan["units"]))
     if missing:
-        print(
-            f"task {task_index}/{num_tasks} done; {len(missing)} units belong to other tasks. "
-            f"After all tasks finish, run `kolm shard merge {out}`",
-            file=sys.stderr,
-        )
+        say(f"task {task_index}/{num_tasks} done; {len(missing)} units belong to other tasks. "
+            f"After all tasks finish, run `kolm shard merge {out}`")
         return None
     return finalize(out)
 
@@ -600,8 +587,8 @@ def finalize(out: str | os.PathLike) -> dict:
     """Combine every unit's results into `manifest.json` (the `kolm shard merge` step)."""
     out = Path(out)
     plan_file = out / WORK / "plan.json"
-    if (out / "manifest.json").is_file():
-        return read_json(out / "manifest.json")
+    if (out / mf.MANIFEST).is_file():
+        return read_json(out / mf.MANIFEST)
     if not plan_file.is_file():
         raise KolmError(f"{out}: no sharding work found (no {WORK}/plan.json); run `kolm shard` first")
     plan = read_json(plan_file)
@@ -618,36 +605,6 @@ def finalize(out: str | os.PathLike) -> dict:
         done = read_json(out / WORK / f"unit-{i:06d}.done.json")
         shards.extend(done["shards"])
         stats.update(done["stats"])
-    shards.sort(key=lambda e: (SPLITS.index(e["split"]), e["path"]))
-    manifest = {k: plan[k] for k in IDENTITY_KEYS}
-    manifest["shards"] = shards
-    manifest["splits"] = {s: _split_totals(shards, s) for s in SPLITS}
-    manifest["corpus"] = _corpus_totals(stats, manifest["splits"])
-    if manifest["corpus"]["documents"] == 0:
-        raise KolmError("the corpus holds no text: every line was empty or skipped")
-    manifest = seal(manifest)
-    atomic_write_json(out / "manifest.json", manifest)
+    manifest = mf.build(plan, shards, stats)
+    atomic_write_json(out / mf.MANIFEST, manifest)
     return manifest
-
-
-def _split_totals(shards: list[dict], split: str) -> dict:
-    mine = [e for e in shards if e["split"] == split]
-    return {
-        "shards": len(mine),
-        "documents": sum(e["documents"] for e in mine),
-        "tokens": sum(e["tokens"] for e in mine),
-        "characters": sum(e["characters"] for e in mine),
-    }
-
-
-def _corpus_totals(stats: Counter, splits: dict) -> dict:
-    return {
-        "records": stats["records"],
-        "documents": sum(v["documents"] for v in splits.values()),
-        "tokens": sum(v["tokens"] for v in splits.values()),
-        "characters": sum(v["characters"] for v in splits.values()),
-        "skipped_empty": stats["skipped_empty"],
-        "repaired_utf8": stats["repaired_utf8"],
-        "long_documents": stats["long_documents"],
-        "malformed_skipped": stats["malformed_skipped"],
-    }

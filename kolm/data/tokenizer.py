@@ -81,6 +81,65 @@ def iter_documents(inputs: list[str], text_field: str, skip_malformed: bool, sta
                     yield text
 
 
+@dataclass(frozen=True)
+class TokenizerReport:
+    """What `kolm tokenizer train` made, and how well it compresses held-back text."""
+
+    out: str
+    vocab_size: int
+    documents: int
+    heldout_documents: int
+    chars_per_token: float
+    repaired_utf8: int = 0
+    malformed_skipped: int = 0
+
+    def __str__(self) -> str:
+        sample = (f"{self.heldout_documents} held-back documents" if self.heldout_documents
+                  else "training text (corpus too small to hold any back)")
+        return (f"tokenizer written to {self.out}: vocabulary {self.vocab_size}, trained on {self.documents} "
+                f"documents\ncompression: {self.chars_per_token:.3f} characters per token on {sample}")
+
+
+class _TrainingStream:
+    """The corpus as training text, holding back a deterministic ~2% to measure compression."""
+
+    def __init__(self, inputs: list[str], text_field: str, skip_malformed: bool, max_documents: int | None):
+        self.inputs, self.text_field, self.skip_malformed = inputs, text_field, skip_malformed
+        self.max_documents = max_documents
+        self.stats: Counter = Counter()
+        self.holdout: list[str] = []
+        self.holdout_chars = 0
+        self.used = 0
+
+    def __iter__(self) -> Iterator[str]:
+        for text in iter_documents(self.inputs, self.text_field, self.skip_malformed, self.stats):
+            if self.max_documents is not None and self.used >= self.max_documents:
+                return
+            if _is_holdout(text) and self.holdout_chars < HOLDOUT_MAX_CHARS:
+                self.holdout.append(text)
+                self.holdout_chars += len(text)
+                continue
+            self.used += 1
+            yield text
+
+    def sample(self) -> list[str]:
+        """The held-back text, or (for a tiny corpus) the first documents."""
+        return self.holdout or [t for t, _ in zip(iter_documents(self.inputs, self.text_field, True, Counter()),
+                                                  range(1000))]
+
+
+def _bpe(vocab_size: int, min_frequency: int, progress: bool):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=progress)
+    return tok, trainer
+
+
 def train_tokenizer(
     inputs: list[str],
     out: str | os.PathLike,
@@ -91,12 +150,8 @@ def train_tokenizer(
     max_documents: int | None = None,
     force: bool = False,
     progress: bool = True,
-) -> dict:
-    """Train a byte-level BPE with ``<|endoftext|>`` as BOS/EOS/PAD and save it to ``out``.
-
-    A deterministic ~2% of documents is held back from training to measure compression.
-    """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+) -> TokenizerReport:
+    """Train a byte-level BPE with ``<|endoftext|>`` as BOS/EOS/PAD and save it to ``out``."""
     from transformers import PreTrainedTokenizerFast
 
     out = Path(out)
@@ -104,54 +159,19 @@ def train_tokenizer(
         raise KolmError(f"--vocab-size {vocab_size} is too small: use at least {MIN_VOCAB}")
     if out.exists() and any(out.iterdir()) and not force:
         raise KolmError(f"{out} already exists and is not empty; choose another --out or pass --force")
-    stats: Counter = Counter()
-    holdout: list[str] = []
-    holdout_chars = 0
-    used = 0
-
-    def training_stream() -> Iterator[str]:
-        nonlocal holdout_chars, used
-        for text in iter_documents(inputs, text_field, skip_malformed, stats):
-            if max_documents is not None and used >= max_documents:
-                return
-            if _is_holdout(text) and holdout_chars < HOLDOUT_MAX_CHARS:
-                holdout.append(text)
-                holdout_chars += len(text)
-                continue
-            used += 1
-            yield text
-
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=[EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=progress,
-    )
-    tok.train_from_iterator(training_stream(), trainer=trainer)
-    if used == 0:
+    stream = _TrainingStream(inputs, text_field, skip_malformed, max_documents)
+    tok, trainer = _bpe(vocab_size, min_frequency, progress)
+    tok.train_from_iterator(iter(stream), trainer=trainer)
+    if stream.used == 0:
         raise KolmError("the corpus holds no text: every line was empty or skipped")
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS, unk_token=EOS
-    )
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS,
+                                      unk_token=EOS)
     _save_atomically(wrapped, out, force)
-    sample = holdout or [t for t, _ in zip(iter_documents(inputs, text_field, True, Counter()), range(1000))]
-    chars = sum(len(t) for t in sample)
+    sample = stream.sample()
     tokens = sum(len(e.ids) for e in tok.encode_batch(sample, add_special_tokens=False))
-    return {
-        "out": str(out),
-        "vocab_size": tok.get_vocab_size(True),
-        "documents": used,
-        "heldout_documents": len(holdout),
-        "heldout_is_training_text": not holdout,
-        "chars_per_token": chars / max(tokens, 1),
-        "repaired_utf8": stats["repaired_utf8"],
-        "malformed_skipped": stats["malformed_skipped"],
-    }
+    return TokenizerReport(str(out), tok.get_vocab_size(True), stream.used, len(stream.holdout),
+                           sum(len(t) for t in sample) / max(tokens, 1), stream.stats["repaired_utf8"],
+                           stream.stats["malformed_skipped"])
 
 
 def _save_atomically(tokenizer, out: Path, force: bool) -> None:

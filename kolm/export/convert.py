@@ -11,23 +11,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from kolm.data.tokenizer import load_tokenizer_info
 from kolm.errors import KolmError
+from kolm.export.generate import SEED_PROMPT, GenerationSettings
+from kolm.log import say
 from kolm.model.presets import padded_vocab, untie_padding
 from kolm.train import checkpoint
 
-PROMPT = "밥을 먹고 나면 늘 하는 생각이 있는데"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-# The seed's generation settings: sampling with a strong repetition penalty for Korean text.
-GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.8, "top_p": 0.95, "repetition_penalty": 2.0,
-                       "max_new_tokens": 64}
 
 
 def resolve_checkpoint(src: str | os.PathLike, tag: str | None = None, best: bool = False) -> checkpoint.Checkpoint:
@@ -46,10 +44,7 @@ def resolve_checkpoint(src: str | os.PathLike, tag: str | None = None, best: boo
         if found is None:
             raise KolmError(f"{ckpt_dir}: no complete checkpoint with an eval loss; drop --best or pass --tag")
         return found
-    said: list[str] = []
-    found = checkpoint.find_resume(ckpt_dir, said.append)
-    for line in said:
-        print(f"kolm: {line}")
+    found = checkpoint.find_resume(ckpt_dir)
     if found is None:
         raise KolmError(f"{p}: no complete checkpoint found (looked for {ckpt_dir}/global_stepN/{checkpoint.MARKER})")
     return found
@@ -104,12 +99,24 @@ def prompt_ids(tokenizer_dir: Path) -> torch.Tensor:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    return torch.tensor([tok(PROMPT)["input_ids"]])
+    return torch.tensor([tok(SEED_PROMPT)["input_ids"]])
+
+
+@dataclass(frozen=True)
+class ConversionReport:
+    checkpoint: str
+    out: str
+    dtype: str
+    max_logit_error: float
+
+    def __str__(self) -> str:
+        return (f"model written to {self.out} from {self.checkpoint} ({self.dtype}); verified: max logit "
+                f"difference {self.max_logit_error:.2e} against the consolidated fp32 weights")
 
 
 def convert(src: str, out: str, tag: str | None = None, best: bool = False, dtype: str = "bf16",
-            tokenizer: str | None = None, force: bool = False, max_shard_size: str = "2GB") -> dict:
-    """Convert and verify; returns a small report."""
+            tokenizer: str | None = None, force: bool = False, max_shard_size: str = "2GB") -> ConversionReport:
+    """Convert a checkpoint into a verified Hugging Face directory at ``out``."""
     if dtype not in DTYPES:
         raise KolmError(f"--dtype must be bf16 or fp32, got {dtype!r}")
     out_path = Path(out)
@@ -117,17 +124,10 @@ def convert(src: str, out: str, tag: str | None = None, best: bool = False, dtyp
     if out_path.exists() and not force:
         raise KolmError(f"{out_path} already exists; choose another --out or pass --force to replace it")
     ckpt = resolve_checkpoint(src, tag, best)
-    config_dict = ckpt.marker.get("model_config")
-    if not config_dict:
-        raise KolmError(f"{ckpt.path}: the completion marker has no model config (not written by kolm train)")
-    config_dict, untied = untie_padding(config_dict)
-    if untied:
-        print(f"kolm: {ckpt.tag} was trained with pad_token_id = EOS (its EOS embedding is the zero row); "
-              "config.json is written without a padding index, generation_config.json pads with EOS",
-              file=sys.stderr)
+    config_dict = exported_config(ckpt)
     tok_dir = Path(tokenizer or ckpt.marker["tokenizer"])
     check_tokenizer_fits(tok_dir, config_dict)
-    print(f"kolm: converting {ckpt.path} ({dtype})")
+    say(f"converting {ckpt.path} ({dtype})")
     model = model_from_state_dict(config_dict, consolidated_state_dict(ckpt))
     ids = prompt_ids(tok_dir)
     with torch.no_grad():
@@ -144,7 +144,19 @@ def convert(src: str, out: str, tag: str | None = None, best: bool = False, dtyp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"checkpoint": str(ckpt.path), "out": str(out_path), "dtype": dtype, "max_logit_error": max_err}
+    return ConversionReport(str(ckpt.path), str(out_path), dtype, max_err)
+
+
+def exported_config(ckpt: checkpoint.Checkpoint) -> dict:
+    """The model config a checkpoint's marker records, as the exported config.json will hold it."""
+    config_dict = ckpt.marker.get("model_config")
+    if not config_dict:
+        raise KolmError(f"{ckpt.path}: the completion marker has no model config (not written by kolm train)")
+    config_dict, untied = untie_padding(config_dict)
+    if untied:
+        say(f"{ckpt.tag} was trained with pad_token_id = EOS (its EOS embedding is the zero row); "
+            "config.json is written without a padding index, generation_config.json pads with EOS")
+    return config_dict
 
 
 EXPORT_INFO = "kolm_export.json"
@@ -175,7 +187,7 @@ def _remove_stale_temporaries(out: Path) -> None:
             continue
         if kind == "old" and not out.exists():
             os.replace(left, out)
-            print(f"kolm: restored {out} (an interrupted --force conversion had set it aside)", file=sys.stderr)
+            say(f"restored {out} (an interrupted --force conversion had set it aside)")
         else:
             shutil.rmtree(left, ignore_errors=True)
 
@@ -204,7 +216,7 @@ def _write(model, tok_dir: Path, out: Path, max_shard_size: str, config_dict: di
     _pad_on_the_left(out / "tokenizer_config.json")
     eos = model.config.eos_token_id
     GenerationConfig(bos_token_id=model.config.bos_token_id, eos_token_id=eos, pad_token_id=eos,
-                     **GENERATION_DEFAULTS).save_pretrained(str(out))
+                     **GenerationSettings().generation_config()).save_pretrained(str(out))
 
 
 def _pad_on_the_left(path: Path) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kolm import log
 from kolm.errors import KolmError
 from kolm.files import atomic_write_bytes, atomic_write_json, read_json
 
@@ -79,7 +80,7 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Checkpoint]:
     return [Checkpoint(p, s, read_json(p / MARKER)) for s, p in _tagged_dirs(ckpt_dir) if why_incomplete(p) is None]
 
 
-def find_resume(ckpt_dir: Path, say: Callable[[str], None]) -> Checkpoint | None:
+def find_resume(ckpt_dir: Path, say: Callable[[str], None] = log.say) -> Checkpoint | None:
     """The newest complete checkpoint, telling the user about any newer one it had to skip (and
     about a `latest` file that names a missing or incomplete one: kolm never trusts it)."""
     latest = ckpt_dir / "latest"
@@ -161,7 +162,7 @@ def load_rng(path: Path, rank: int) -> bool:
 UNIVERSAL = "universal"
 
 
-def to_universal(ckpt: Checkpoint, say: Callable[[str], None]) -> Path:
+def to_universal(ckpt: Checkpoint, say: Callable[[str], None] = log.say) -> Path:
     """Convert a checkpoint to DeepSpeed's universal format (once; kept beside it), the
     supported way to resume ZeRO state on a different number of data-parallel ranks."""
     import subprocess
@@ -183,7 +184,7 @@ def to_universal(ckpt: Checkpoint, say: Callable[[str], None]) -> Path:
     return out
 
 
-def prune(ckpt_dir: Path, keep: int, say: Callable[[str], None]) -> None:
+def prune(ckpt_dir: Path, keep: int, say: Callable[[str], None] = log.say) -> None:
     """Keep the newest ``keep`` complete checkpoints and the best by eval loss; remove older
     ones and interrupted saves older than the newest complete checkpoint. Rank 0 only."""
     for stale in ckpt_dir.glob(".deleting-*"):  # a removal that was interrupted

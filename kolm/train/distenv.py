@@ -82,10 +82,10 @@ def detect() -> DistEnv:
         port = _int_env("MASTER_PORT") if "MASTER_PORT" in env else slurm_master_port(env["SLURM_JOB_ID"])
         return DistEnv(_int_env("SLURM_PROCID"), _int_env("SLURM_NTASKS"), _int_env("SLURM_LOCALID"),
                        env.get("MASTER_ADDR", hosts[0]), port, "slurm")
-    return DistEnv(0, 1, 0, "127.0.0.1", _free_port(), "single")
+    return DistEnv(0, 1, 0, "127.0.0.1", free_port(), "single")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -97,14 +97,3 @@ def export(d: DistEnv) -> None:
         RANK=str(d.rank), WORLD_SIZE=str(d.world_size), LOCAL_RANK=str(d.local_rank),
         MASTER_ADDR=d.master_addr, MASTER_PORT=str(d.master_port),
     )
-
-
-def start_process_group() -> None:
-    """DeepSpeed's process group on this accelerator's backend, its start-up ops loaded first."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    from kolm.train.jitops import load_start_up_ops
-
-    load_start_up_ops()
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)

@@ -9,16 +9,20 @@ from pathlib import Path
 from kolm.errors import KolmError
 from kolm.train.config import RunConfig
 
-REPO_CONFIGS = Path(__file__).resolve().parent / "ds_configs"
+# Shipped with the package (the checkout's ds_configs/ links here), so an installed kolm finds them
+# from any working directory.
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "ds_configs"
 
 
 def template_path(cfg: RunConfig) -> Path:
-    """The user's JSON if given (as a path, or a name under ds_configs/), else zero{stage}.json."""
+    """The user's JSON if given (a path, or the name of a shipped config such as
+    ds_configs/zero3_offload.json), else the shipped zero{stage}.json."""
     name = cfg.deepspeed_config or f"zero{cfg.zero_stage}.json"
-    for candidate in (Path(name), REPO_CONFIGS / name):
+    for candidate in (Path(name), SHIPPED_CONFIGS / Path(name).name):
         if candidate.is_file():
             return candidate
-    raise KolmError(f"DeepSpeed config {name!r} not found (looked in the working directory and {REPO_CONFIGS})")
+    shipped = ", ".join(sorted(p.name for p in SHIPPED_CONFIGS.glob("*.json")))
+    raise KolmError(f"DeepSpeed config {name!r} not found: not a file here, nor one of kolm's ({shipped})")
 
 
 def load_template(path: Path) -> dict:

@@ -39,3 +39,4 @@ class GradNormWatch:
                     "window (or corrupt data) does this; it is counted as grad_norm_spikes in metrics.jsonl")
         self.history = [*self.history[-(HISTORY - 1):], norm]
         return None
+

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import fcntl
 import os
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from kolm.log import say
 
 # The ops DeepSpeed builds at start-up on the accelerators kolm runs on (CPU: shared-memory
 # collectives). Ops that are missing or incompatible here are skipped, as DeepSpeed does.
@@ -65,8 +66,7 @@ def load_start_up_ops() -> None:
     with exclusive(root):
         for baton in stale_batons(root):
             # Said by whichever rank gets here first, not only rank 0: it concerns this machine.
-            print(f"kolm: removing {baton}, left by a process killed while loading a DeepSpeed op",
-                  file=sys.stderr, flush=True)
+            say(f"removing {baton}, left by a process killed while loading a DeepSpeed op", every_rank=True)
             baton.unlink(missing_ok=True)
         for builder in builders:
             builder.load(verbose=False)

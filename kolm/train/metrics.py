@@ -1,104 +1,132 @@
-"""Metrics: next-token loss/perplexity/accuracy (one implementation for training, evaluation
-and `kolm eval`), throughput and MFU against the device's peak, and the run's metric sinks."""
+"""A run's metrics: the step window that gathers per-step figures on the device and reduces them
+once every ``log_every`` steps, the sinks that write them (metrics.jsonl and TensorBoard, rank 0
+only), and the one reader of metrics.jsonl (for `kolm report`, the demo, tests and benchmarks)."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-# Dense bf16 peak per device, TFLOP/s (vendor data sheets; SXM parts unless named).
-PEAK_TFLOPS = {
-    "H200": 989.0,
-    "H100 PCIe": 756.0,
-    "H100": 989.0,
-    "A100": 312.0,
-    "A10G": 125.0,
-    "L40S": 362.0,
-}
+from kolm.errors import KolmError
+from kolm.log import say, warn
 
-
-def device_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> tuple[float, str]:
-    """(peak FLOP/s, how it was obtained) for this process's device: the data-sheet bf16 peak
-    for known GPUs, else the best measured matmul. On a CPU that is the faster of fp32 and the
-    training dtype: CPUs without native bf16 emulate it far below their fp32 peak, and MFU
-    measures against what the hardware can do, not against the slow path."""
-    kind = str(dtype).replace("torch.", "")
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, tflops in PEAK_TFLOPS.items():
-            if key in name:
-                return tflops * 1e12, f"{name}, data sheet {tflops:g} TFLOP/s bf16"
-        return measured_matmul_flops(device, dtype, seconds), f"{name}, measured {kind} matmul"
-    threads = torch.get_num_threads()
-    candidates = {str(d).replace("torch.", ""): d for d in (dtype, torch.float32)}
-    best = max((measured_matmul_flops(device, d, seconds / len(candidates), n=512), k) for k, d in candidates.items())
-    return best[0], f"CPU, {threads} threads, measured {best[1]} matmul"
-
-
-def measured_matmul_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16, seconds: float = 1.0,
-                          n: int = 1024) -> float:
-    """Best sustained matmul FLOP/s over ``seconds``: the device's practical peak."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    (a @ b).sum().item()
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        start = time.perf_counter()
-        for _ in range(4):
-            c = a @ b
-        c.sum().item()
-        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - start))
-    return best
-
-
-def token_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(summed cross-entropy, correct next-token predictions, tokens) for one batch.
-
-    ``logits[:, i]`` is the prediction for ``targets[:, i]``, i.e. token i+1 of the window;
-    every target is a real token (packed windows carry no padding).
-    """
-    flat = logits.float().reshape(-1, logits.shape[-1])
-    t = targets.reshape(-1)
-    loss_sum = F.cross_entropy(flat, t, reduction="sum")
-    correct = (flat.argmax(dim=-1) == t).sum()
-    return loss_sum, correct, t.numel()
+METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass
-class EvalTotals:
-    loss_sum: float = 0.0
-    correct: float = 0.0
-    tokens: float = 0.0
+class RunMetrics:
+    """The records of metrics.jsonl by kind, each in step order."""
 
-    def add(self, loss_sum: torch.Tensor, correct: torch.Tensor, tokens: int) -> None:
-        self.loss_sum += float(loss_sum)
-        self.correct += float(correct)
-        self.tokens += tokens
+    train: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    other: list[dict] = field(default_factory=list)
 
-    def all_reduce(self, device: torch.device) -> EvalTotals:
-        import torch.distributed as dist
 
-        t = torch.tensor([self.loss_sum, self.correct, self.tokens], dtype=torch.float64, device=device)
-        if dist.is_initialized():
-            dist.all_reduce(t)
-        return EvalTotals(*t.tolist())
+def _records(path: Path) -> list[dict]:
+    """Every record of a metrics file; a run killed mid-write leaves at most a torn last line."""
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise KolmError(f"{path}:{number} is not JSON; the metrics file is damaged") from None
+    return records
 
-    def summary(self) -> dict:
-        loss = self.loss_sum / max(self.tokens, 1)
-        return {
-            "eval_loss": loss,
-            "eval_perplexity": math.exp(min(loss, 50.0)),
-            "eval_accuracy": self.correct / max(self.tokens, 1),
-            "eval_tokens": int(self.tokens),
-        }
+
+def read_metrics(run_dir: str | os.PathLike) -> RunMetrics:
+    """A run directory's metrics.jsonl, sorted by step; a missing file is a clear error."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise KolmError(f"{path} not found: give the run directory of a `kolm train` run (its run_dir)")
+    found = RunMetrics()
+    for record in _records(path):
+        kind = record.get("kind", "train")
+        (found.train if kind == "train" else found.evals if kind == "eval" else found.other).append(record)
+    for records in (found.train, found.evals, found.other):
+        records.sort(key=lambda r: r.get("step", 0))
+    return found
+
+
+@dataclass
+class _Pending:
+    step: int
+    consumed_samples: int
+    loss: torch.Tensor  # this rank's mean over its micro-batches, still on the device
+    grad_norm: object  # a tensor or a float from DeepSpeed, or None
+    lr: float
+    skipped_steps: int
+
+
+class StepWindow:
+    """Per-step figures kept on the device until a flush: then one all-reduce of the window's
+    losses, one transfer, and one throughput measurement over the window."""
+
+    def __init__(self, seq_len: int, global_batch: int, world_size: int, flops_per_token: float, peak_flops: float):
+        self.seq_len, self.tokens_per_step, self.world_size = seq_len, seq_len * global_batch, world_size
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.pending: list[_Pending] = []
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        """Throughput windows exclude evaluation and checkpoint time."""
+        self.started = time.perf_counter()
+        self.timed_steps = 0
+
+    def add(self, step: int, consumed: int, loss: torch.Tensor, grad_norm, lr: float, skipped: int) -> None:
+        self.pending.append(_Pending(step, consumed, loss.detach(), grad_norm, lr, skipped))
+        self.timed_steps += 1
+
+    def flush(self, timed: bool) -> list[dict]:
+        """The window's train records (collective: every rank calls it at the same step).
+        ``timed`` attaches tokens/s and MFU to the last record and restarts the clock."""
+        if not self.pending:
+            return []
+        losses = _mean_over_ranks(torch.stack([p.loss for p in self.pending]), self.world_size)
+        norms = _floats([p.grad_norm for p in self.pending])
+        records = [{"kind": "train", "step": p.step, "consumed_samples": p.consumed_samples,
+                    "tokens": p.consumed_samples * self.seq_len,
+                    "loss": loss, "lr": p.lr, "grad_norm": norm, "skipped_steps": p.skipped_steps}
+                   for p, loss, norm in zip(self.pending, losses, norms)]
+        if timed:
+            records[-1].update(self.throughput())
+            self.restart_clock()
+        self.pending = []
+        return records
+
+    def throughput(self) -> dict:
+        tps = self.timed_steps * self.tokens_per_step / max(time.perf_counter() - self.started, 1e-9)
+        per_device = tps / self.world_size
+        return {"tokens_per_s": tps, "tokens_per_s_per_device": per_device,
+                "mfu": per_device * self.flops_per_token / self.peak_flops}
+
+
+def _mean_over_ranks(values: torch.Tensor, world_size: int) -> list[float]:
+    import torch.distributed as dist
+
+    values = values.float()
+    if dist.is_initialized():
+        dist.all_reduce(values)
+    return (values / world_size).tolist()
+
+
+def _floats(values: list) -> list[float | None]:
+    """Gradient norms as Python floats (None where not finite), with one device transfer."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    host = iter(torch.stack([t.float().reshape(()) for t in tensors]).tolist()) if tensors else iter(())
+    out = []
+    for v in values:
+        f = next(host) if isinstance(v, torch.Tensor) else (None if v is None else float(v))
+        out.append(f if f is not None and f == f and abs(f) != float("inf") else None)
+    return out
 
 
 class MetricSinks:
@@ -106,7 +134,7 @@ class MetricSinks:
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
         self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / METRICS_FILE
         self.tb = None
         if enabled and tensorboard:
             try:
@@ -114,30 +142,66 @@ class MetricSinks:
 
                 self.tb = SummaryWriter(str(run_dir / "tensorboard"))
             except ImportError:
-                print("kolm: tensorboard is not installed; logging to metrics.jsonl only", file=sys.stderr)
+                warn("tensorboard is not installed; logging to metrics.jsonl only")
 
     def truncate_after(self, step: int) -> None:
         """Drop records of steps a resumed run will redo, so the file reads as one run."""
         if not self.enabled or not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = [r for r in _records(self.path) if r.get("step", 0) <= step]
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
         os.replace(tmp, self.path)
 
-    def write(self, record: dict) -> None:
-        if not self.enabled:
+    def write(self, records: list[dict]) -> None:
+        if not self.enabled or not records:
             return
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         if self.tb is not None:
-            kind = record.get("kind", "train")
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("step", "kind"):
-                    self.tb.add_scalar(f"{kind}/{key}", value, record["step"])
+            for record in records:
+                self._scalars(record)
             self.tb.flush()
+
+    def _scalars(self, record: dict) -> None:
+        kind = record.get("kind", "train")
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key not in ("step", "kind"):
+                self.tb.add_scalar(f"{kind}/{key}", value, record["step"])
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+class ProgressDisplay:
+    """Rank 0's console: a progress bar on a terminal, else (batch job logs) one plain line per
+    timed record."""
+
+    def __init__(self, enabled: bool, total: int, initial: int):
+        self.enabled, self.total = enabled, total
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True,
+                            mininterval=1.0)
+
+    def show(self, records: list[dict]) -> None:
+        if not self.enabled or not records:
+            return
+        last = records[-1]
+        if self.bar is None:
+            if "tokens_per_s" in last:
+                say(f"step {last['step']}/{self.total} loss {last['loss']:.4f} lr {last['lr']:.2e} "
+                    f"tok/s {last['tokens_per_s']:.0f} mfu {last['mfu']:.1%}")
+            return
+        self.bar.update(len(records))
+        post = {"loss": f"{last['loss']:.4f}", "lr": f"{last['lr']:.2e}"}
+        if "tokens_per_s" in last:
+            post.update(tok_s=f"{last['tokens_per_s']:.0f}", mfu=f"{last['mfu']:.1%}")
+        self.bar.set_postfix(post, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

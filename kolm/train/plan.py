@@ -1,6 +1,6 @@
 """`kolm plan`: memory per GPU, the largest micro batch, a recommended layout, and the time to
 train a token budget, for a cluster shape. `--measure` checks the estimate against a real
-DeepSpeed engine on this machine's device.
+DeepSpeed engine on this machine's device (kolm.train.measure).
 
 Model states use DeepSpeed's own estimators (ZeRO-2 and ZeRO-3; ZeRO-1 by the same accounting:
 full 16-bit parameters and gradients, fp32 master weights, gradients and Adam moments
@@ -12,21 +12,14 @@ layer's activations during the recompute.
 
 from __future__ import annotations
 
-import gc
 import math
-import os
 from dataclasses import dataclass
 
 from kolm.errors import KolmError
-from kolm.model.presets import PhiShape, flops_per_token, get_shape, padded_vocab, parameter_count
+from kolm.model.flops import flops_per_token, parameter_count
+from kolm.model.presets import PhiShape, get_shape, padded_vocab
+from kolm.train.hardware import CARDS
 
-# name: (label, memory in GiB, dense bf16 TFLOP/s from the data sheet)
-GPUS = {
-    "a100-40": ("A100 40GB", 40, 312.0),
-    "a100-80": ("A100 80GB", 80, 312.0),
-    "h100": ("H100 80GB SXM", 80, 989.0),
-    "h200": ("H200 141GB", 141, 989.0),
-}
 USABLE = 0.90  # of device memory: the CUDA context, NCCL buffers and allocator fragmentation take the rest
 # Bytes per token per hidden unit that one Phi block (intermediate size 4 x hidden) keeps for
 # backward: norm, q/k/v and rotary pieces, attention output, the MLP input and gelu_new's
@@ -148,119 +141,56 @@ def training_time(shape: PhiShape, vocab: int, seq_len: int, tokens: float, gpus
     return seconds / 3600, seconds * gpus / 3600
 
 
-def format_plan(model: str, shape: PhiShape, vocab: int, seq_len: int, nodes: int, gpus_per_node: int, gpu: str,
-                global_batch: int, tokens: float | None, mfu: float) -> str:
-    label, gib, tflops = GPUS[gpu]
-    gpus = nodes * gpus_per_node
-    params = parameter_count(shape, vocab)
-    table = rows(shape, vocab, seq_len, gpus_per_node, nodes, gib)
-    lines = [f"{model}: {params / 1e9:.2f}B parameters (vocabulary {vocab:,}), seq_len {seq_len}, "
-             f"{nodes} nodes x {gpus_per_node} {label} = {gpus} GPUs, global batch {global_batch}",
-             f"memory per GPU (usable: {USABLE:.0%} of {gib} GiB = {USABLE * gib:.1f} GiB):",
-             f"  {'layout':<22}{'act. ckpt':<11}{'states GiB':>11}{'act. GiB/sample':>17}{'max micro batch':>17}"
-             f"{'CPU GiB/node':>14}"]
-    for r in table:
-        lines.append(f"  {r.layout.name:<22}{'yes' if r.checkpointing else 'no':<11}{r.states / GIB:>11.2f}"
-                     f"{r.act_per_sample / GIB:>17.3f}{r.max_micro_batch:>17}{r.cpu / GIB:>14.1f}")
-    choice = recommend(table, global_batch, gpus)
-    if choice is None:
-        lines.append("nothing fits: use more GPUs, a shorter seq_len or a smaller model")
-        return "\n".join(lines)
-    row, mb = choice
-    accum = global_batch // (gpus * mb)
-    lines.append(f"recommended: zero_stage={row.layout.zero_stage} deepspeed_config=ds_configs/{row.layout.name}.json "
-                 f"micro_batch={mb} activation_checkpointing={str(row.checkpointing).lower()} "
-                 f"(gradient accumulation {accum}; "
-                 f"{peak_bytes(row.states, shape, vocab, seq_len, mb, row.checkpointing) / GIB:.1f} GiB "
-                 f"per GPU)")
-    if tokens:
-        hours, gpu_hours = training_time(shape, vocab, seq_len, tokens, gpus, tflops, mfu)
-        if row.checkpointing:  # the recompute repeats the forward: 4/3 of the work per token
-            hours, gpu_hours = hours * 4 / 3, gpu_hours * 4 / 3
-        lines.append(f"time: {tokens / 1e9:.2f}B tokens x {flops_per_token(shape, vocab, seq_len) / 1e9:.2f} GFLOP "
-                     f"per token at {mfu:.0%} MFU of {tflops:g} TFLOP/s: {hours:,.1f} h wall clock "
-                     f"({hours / 24:.1f} days), {gpu_hours:,.0f} GPU-hours")
-    return "\n".join(lines)
+@dataclass
+class PlanRequest:
+    """A cluster shape and token budget to plan for; every default of `kolm plan` lives here."""
 
+    model: str = "phi-1.5"
+    vocab_size: int | None = None  # the tokenizer's vocabulary; None: the preset's
+    seq_len: int = 512
+    nodes: int = 1
+    gpus_per_node: int = 8
+    gpu: str = "a100-80"  # a key of kolm.train.hardware.CARDS
+    global_batch: int = 256
+    tokens: float | None = None  # tokens per epoch
+    lines: float | None = None  # corpus lines per epoch, instead of tokens
+    tokens_per_line: float = 30.0
+    epochs: float = 1.0
+    mfu: float = 0.40  # assumed model FLOPs utilization for the time estimate
 
-def _live_tensor_bytes() -> int:
-    """Bytes of every distinct tensor storage reachable from Python."""
-    import torch
+    @property
+    def shape(self) -> PhiShape:
+        return get_shape(self.model)
 
-    seen: dict[int, int] = {}
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
-            storage = obj.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
-    return sum(seen.values())
+    @property
+    def vocab(self) -> int:
+        return resolve_vocab(self.vocab_size, self.shape)
 
+    @property
+    def gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
 
-def measure(model: str, vocab: int, seq_len: int, micro_batch: int, zero_stage: int, checkpointing: bool) -> dict:
-    """Model-state and activation bytes of a real single-process DeepSpeed engine (bf16) on this device."""
-    import torch
+    def validate(self) -> None:
+        shape = self.shape
+        for name in ("seq_len", "nodes", "gpus_per_node", "global_batch"):
+            if getattr(self, name) < 1:
+                raise KolmError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.seq_len > shape.max_position_embeddings:
+            raise KolmError(f"--seq-len {self.seq_len} exceeds {self.model}'s {shape.max_position_embeddings} "
+                            "positions")
+        if self.gpu not in CARDS:
+            raise KolmError(f"--gpu {self.gpu!r} is not one of {', '.join(CARDS)}")
+        if not 0 < self.mfu <= 1 or math.isnan(self.mfu):
+            raise KolmError(f"--mfu is a fraction between 0 and 1 (e.g. 0.4), got {self.mfu}")
+        self.vocab  # noqa: B018 (validates the vocabulary)
+        self.budget_tokens()
 
-    from kolm.model.presets import build_config
-    from kolm.train import distenv, dsconfig
-    from kolm.train.config import RunConfig
-    from kolm.train.metrics import token_stats
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    distenv.export(distenv.DistEnv(0, 1, 0, "127.0.0.1", distenv._free_port(), "single"))
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-    from transformers import PhiForCausalLM
-
-    distenv.start_process_group()
-    on_cpu = get_accelerator().device_name() == "cpu"
-    cfg = RunConfig(model=model, seq_len=seq_len, global_batch=micro_batch, micro_batch=micro_batch,
-                    zero_stage=zero_stage, precision="bf16", warmup_steps=1, activation_checkpointing=checkpointing)
-    ds_config = dsconfig.build(cfg, 1, 1, 10, on_cpu)
-    shape = get_shape(model)
-    torch.manual_seed(0)
-    net = PhiForCausalLM(build_config(shape, vocab, 0, 0, seq_len))
-    if checkpointing:
-        net.gradient_checkpointing_enable()
-    engine, *_ = deepspeed.initialize(model=net, model_parameters=net.parameters(), config=ds_config)
-    del net
-    x = torch.randint(0, vocab, (micro_batch, seq_len + 1), device=engine.device)
-
-    def forward():
-        return token_stats(engine(input_ids=x[:, :-1]).logits, x[:, 1:])
-
-    loss_sum, _, n = forward()  # a first step creates the optimizer states
-    engine.backward(loss_sum / n)
-    engine.step()
-    loss_sum, _, n = forward()
-    engine.backward(loss_sum / n)
-    del loss_sum
-    gc.collect()
-    states = _live_tensor_bytes() - x.untyped_storage().nbytes()  # at their peak: gradients not yet applied
-    engine.step()
-    params = {p.untyped_storage().data_ptr() for p in engine.module.parameters()} | {x.untyped_storage().data_ptr()}
-    saved: list = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        loss_sum, _, n = forward()
-    kept = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved
-            if t.untyped_storage().data_ptr() not in params}
-    return {"params": parameter_count(shape, vocab), "states": states, "activations": sum(kept.values())}
-
-
-def format_measurement(model: str, vocab: int, seq_len: int, micro_batch: int, zero_stage: int,
-                       checkpointing: bool) -> str:
-    shape = get_shape(model)
-    got = measure(model, vocab, seq_len, micro_batch, zero_stage, checkpointing)
-    layout = next(layout for layout in LAYOUTS if layout.zero_stage == zero_stage and not layout.offload_optimizer)
-    want_states, _ = model_state_bytes(got["params"], largest_layer_params(shape, vocab), layout, 1, 1)
-    want_act = activation_bytes(shape, vocab, seq_len, micro_batch, checkpointing)
-    return "\n".join([
-        f"measured on this device: {model}, ZeRO-{zero_stage}, 1 process, micro batch {micro_batch}, "
-        f"seq_len {seq_len}, activation checkpointing {'on' if checkpointing else 'off'}",
-        f"  model states: estimated {want_states / 2**20:,.1f} MiB, measured {got['states'] / 2**20:,.1f} MiB "
-        f"(ratio {want_states / got['states']:.2f})",
-        f"  activations:  estimated {want_act / 2**20:,.1f} MiB, measured {got['activations'] / 2**20:,.1f} MiB "
-        f"(ratio {want_act / got['activations']:.2f})",
-    ])
+    def budget_tokens(self) -> float | None:
+        if self.tokens and self.lines:
+            raise KolmError("give either --tokens or --lines, not both")
+        if self.lines:
+            return self.lines * self.tokens_per_line * self.epochs
+        return self.tokens * self.epochs if self.tokens else None
 
 
 def resolve_vocab(vocab: int | None, shape: PhiShape) -> int:
@@ -270,14 +200,45 @@ def resolve_vocab(vocab: int | None, shape: PhiShape) -> int:
     return padded_vocab(v)
 
 
-def tokens_for(tokens: float | None, lines: float | None, tokens_per_line: float, epochs: float) -> float | None:
-    if tokens and lines:
-        raise KolmError("give either --tokens or --lines, not both")
-    if lines:
-        return lines * tokens_per_line * epochs
-    return tokens * epochs if tokens else None
+def format_plan(req: PlanRequest) -> str:
+    """The memory table, the recommended layout and the time estimate, as text."""
+    card = CARDS[req.gpu]
+    shape, vocab = req.shape, req.vocab
+    table = rows(shape, vocab, req.seq_len, req.gpus_per_node, req.nodes, card.memory_gib)
+    lines = [f"{req.model}: {parameter_count(shape, vocab) / 1e9:.2f}B parameters (vocabulary {vocab:,}), "
+             f"seq_len {req.seq_len}, {req.nodes} nodes x {req.gpus_per_node} {card.label} = {req.gpus} GPUs, "
+             f"global batch {req.global_batch}",
+             *_format_table(table, card.memory_gib)]
+    choice = recommend(table, req.global_batch, req.gpus)
+    if choice is None:
+        lines.append("nothing fits: use more GPUs, a shorter seq_len or a smaller model")
+        return "\n".join(lines)
+    row, mb = choice
+    peak = peak_bytes(row.states, shape, vocab, req.seq_len, mb, row.checkpointing)
+    lines.append(f"recommended: zero_stage={row.layout.zero_stage} deepspeed_config=ds_configs/{row.layout.name}.json "
+                 f"micro_batch={mb} activation_checkpointing={str(row.checkpointing).lower()} "
+                 f"(gradient accumulation {req.global_batch // (req.gpus * mb)}; {peak / GIB:.1f} GiB per GPU)")
+    tokens = req.budget_tokens()
+    if tokens:
+        lines.append(_format_time(req, tokens, card.bf16_tflops, row.checkpointing))
+    return "\n".join(lines)
 
 
-def check_mfu(mfu: float) -> None:
-    if not 0 < mfu <= 1 or math.isnan(mfu):
-        raise KolmError(f"--mfu is a fraction between 0 and 1 (e.g. 0.4), got {mfu}")
+def _format_table(table: list[Row], gib: float) -> list[str]:
+    lines = [f"memory per GPU (usable: {USABLE:.0%} of {gib:g} GiB = {USABLE * gib:.1f} GiB):",
+             f"  {'layout':<22}{'act. ckpt':<11}{'states GiB':>11}{'act. GiB/sample':>17}{'max micro batch':>17}"
+             f"{'CPU GiB/node':>14}"]
+    for r in table:
+        lines.append(f"  {r.layout.name:<22}{'yes' if r.checkpointing else 'no':<11}{r.states / GIB:>11.2f}"
+                     f"{r.act_per_sample / GIB:>17.3f}{r.max_micro_batch:>17}{r.cpu / GIB:>14.1f}")
+    return lines
+
+
+def _format_time(req: PlanRequest, tokens: float, tflops: float, checkpointing: bool) -> str:
+    shape, vocab = req.shape, req.vocab
+    hours, gpu_hours = training_time(shape, vocab, req.seq_len, tokens, req.gpus, tflops, req.mfu)
+    if checkpointing:  # the recompute repeats the forward: 4/3 of the work per token
+        hours, gpu_hours = hours * 4 / 3, gpu_hours * 4 / 3
+    return (f"time: {tokens / 1e9:.2f}B tokens x {flops_per_token(shape, vocab, req.seq_len) / 1e9:.2f} GFLOP "
+            f"per token at {req.mfu:.0%} MFU of {tflops:g} TFLOP/s: {hours:,.1f} h wall clock "
+            f"({hours / 24:.1f} days), {gpu_hours:,.0f} GPU-hours")

@@ -1,0 +1,101 @@
+"""Resuming a run: refuse, before any engine starts, a checkpoint of another model, other data or
+another optimizer schedule; then load it (through DeepSpeed's universal format on a different
+number of ranks) with every rank's RNG state and kolm's own state."""
+
+from __future__ import annotations
+
+import torch
+
+from kolm.errors import KolmError
+from kolm.log import say
+from kolm.model.presets import untie_padding
+from kolm.train import checkpoint
+from kolm.train.config import RunConfig
+from kolm.train.setup import RunSetup
+from kolm.train.state import TrainState
+
+# Recipe keys a checkpoint's optimizer, learning-rate schedule or sample order were built from.
+# DeepSpeed restores those from the checkpoint, so a changed value would be silently ignored (or
+# fail deep inside the load): resuming refuses it. Everything else (micro_batch, node count,
+# eval/log/save cadence, grad_clip, activation_checkpointing) may change between restarts.
+FIXED_ON_RESUME = ("global_batch", "lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
+                   "warmup_steps", "zero_stage", "precision")
+
+
+def check_resumable(ckpt: checkpoint.Checkpoint, cfg: RunConfig, setup: RunSetup) -> None:
+    """Refuse a checkpoint of a different model, different data or a different schedule."""
+    saved = ckpt.marker.get("model_config")
+    if saved is not None:
+        check_same_model(ckpt, saved, cfg, setup)
+    saved_fp = ckpt.marker.get("data_fingerprint")
+    if saved_fp is not None:
+        check_same_data(ckpt, saved_fp, setup, cfg)
+    check_same_schedule(ckpt, cfg, setup)
+
+
+def check_same_model(ckpt: checkpoint.Checkpoint, saved: dict, cfg: RunConfig, setup: RunSetup) -> None:
+    saved, untied = untie_padding(saved)
+    if untied:
+        say(f"{ckpt.tag} was written with pad_token_id = EOS, which froze the EOS embedding at zero; "
+            "continuing with it trainable (exported models no longer tie padding to EOS)")
+    mine = setup.model_config_dict
+    if saved != mine:
+        keys = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+        shown = ", ".join(f"{k} {saved.get(k)!r} vs {mine.get(k)!r}" for k in keys[:4])
+        raise KolmError(
+            f"{cfg.run_dir} holds a run of a different model ({shown}; checkpoint vs recipe): "
+            "use a new run_dir for this recipe, or the recipe that run was started with"
+        )
+
+
+def check_same_schedule(ckpt: checkpoint.Checkpoint, cfg: RunConfig, setup: RunSetup) -> None:
+    """Refuse a recipe whose optimizer or schedule differs from the one the checkpoint was built with."""
+    saved = {**ckpt.marker.get("run_config", {}), "total steps": ckpt.marker.get("total_steps")}
+    mine = {**cfg.to_dict(), "total steps": setup.total_steps}
+    diffs = [k for k in (*FIXED_ON_RESUME, "total steps") if saved.get(k) is not None and saved[k] != mine[k]]
+    if diffs:
+        shown = ", ".join(f"{k} {saved[k]!r} vs {mine[k]!r}" for k in diffs)
+        raise KolmError(
+            f"{cfg.run_dir} was started with different settings ({shown}; checkpoint vs recipe). The checkpoint's "
+            "optimizer and learning-rate schedule were built from the original values and would override the "
+            "recipe's: resume with the original values (see run_config.json), or start a new run_dir"
+        )
+
+
+def check_same_data(ckpt: checkpoint.Checkpoint, saved_fp: dict, setup: RunSetup, cfg: RunConfig) -> None:
+    """Refuse a checkpoint whose data fingerprint differs, naming what differs in a fixed order."""
+    mine = setup.train.fingerprint
+    if saved_fp == mine or cfg.ignore_data_fingerprint:
+        return
+    diffs = [k for k in mine if saved_fp.get(k) != mine[k]] + sorted(set(saved_fp) - set(mine))
+    raise KolmError(
+        f"{ckpt.path} was trained on different data ({', '.join(diffs)} differ); use the original data, "
+        "a new run_dir, or pass ignore_data_fingerprint=true to continue anyway"
+    )
+
+
+def needs_universal(ckpt: checkpoint.Checkpoint, setup: RunSetup) -> bool:
+    """ZeRO state written by another number of ranks loads only through the universal format."""
+    return ckpt.marker.get("world_size") != setup.env.world_size
+
+
+def prepare_universal(ckpt: checkpoint.Checkpoint, setup: RunSetup, ds_config: dict) -> dict:
+    """Convert the checkpoint once (rank 0, the others wait) and ask DeepSpeed to load it so."""
+    if setup.env.is_main:
+        checkpoint.to_universal(ckpt)
+    torch.distributed.barrier()
+    return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+
+
+def restore(engine, cfg: RunConfig, setup: RunSetup, ckpt: checkpoint.Checkpoint) -> TrainState:
+    """Load a checkpoint into the engine and this rank's RNG; returns kolm's state from it."""
+    if needs_universal(ckpt, setup):
+        _, client = engine.load_checkpoint(str(ckpt.path), tag=checkpoint.UNIVERSAL)
+    else:
+        _, client = engine.load_checkpoint(str(ckpt.path.parent), tag=ckpt.tag)
+    if client is None:
+        raise KolmError(f"{ckpt.path}: DeepSpeed could not load it; remove it to fall back to an earlier one")
+    check_same_data(ckpt, client["data_fingerprint"], setup, cfg)
+    if not checkpoint.load_rng(ckpt.path, setup.env.rank):
+        say(f"{ckpt.tag} has no RNG state for rank {setup.env.rank}; continuing with a fresh one", every_rank=True)
+    return TrainState.from_client(client["kolm_state"], cfg.grad_spike_factor)

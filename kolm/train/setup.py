@@ -1,0 +1,74 @@
+"""Everything a run decides before any process group starts: the launcher environment, the data
+and tokenizer checks, the model config, the batch layout and the DeepSpeed config. Any problem
+here is a clear error before a device is touched (and is what `kolm train --check` runs)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kolm.data.manifest import check_tokenizer, load_shard_dir
+from kolm.data.packed import PackedDataset, check_batch_layout
+from kolm.data.tokenizer import load_tokenizer_info
+from kolm.errors import KolmError
+from kolm.log import say
+from kolm.model.flops import flops_per_token, parameter_count
+from kolm.model.presets import PhiShape, build_config, get_shape, padded_vocab, phi_config_dict
+from kolm.train import distenv, dsconfig
+from kolm.train.config import RunConfig
+
+
+@dataclass
+class RunSetup:
+    env: distenv.DistEnv
+    grad_accum: int
+    total_steps: int
+    train: PackedDataset
+    valid: PackedDataset | None
+    model_config: object  # transformers.PhiConfig
+    model_config_dict: dict
+    ds_config: dict
+    flops_per_token: float
+    n_params: int
+
+    def describe(self) -> str:
+        return (f"{self.total_steps} steps, gradient accumulation {self.grad_accum} on {self.env.world_size} ranks, "
+                f"{self.n_params / 1e6:.1f}M parameters")
+
+
+def prepare(cfg: RunConfig) -> RunSetup:
+    """Validate the whole run (data, tokenizer, model, batch layout) without touching devices."""
+    env = distenv.detect()
+    tok = load_tokenizer_info(cfg.tokenizer)
+    check_tokenizer(load_shard_dir(cfg.data), tok.fingerprint(), cfg.tokenizer)
+    grad_accum = check_batch_layout(cfg.global_batch, cfg.micro_batch, env.world_size)
+    shape = model_shape(cfg)
+    vocab = padded_vocab(tok.vocab_size, cfg.vocab_multiple)
+    train = PackedDataset(cfg.data, "train", cfg.seq_len, cfg.seed)
+    total = cfg.train_steps or math.ceil(cfg.epochs * train.num_samples / cfg.global_batch)
+    positions = shape.max_position_embeddings
+    ds_config = dsconfig.build(cfg, env.world_size, grad_accum, total, on_cpu=not torch.cuda.is_available())
+    return RunSetup(env, grad_accum, total, train, _valid_or_none(cfg),
+                    build_config(shape, vocab, tok.eos_id, tok.eos_id, positions),
+                    phi_config_dict(shape, vocab, tok.eos_id, tok.eos_id, positions), ds_config,
+                    flops_per_token(shape, vocab, cfg.seq_len), parameter_count(shape, vocab))
+
+
+def model_shape(cfg: RunConfig) -> PhiShape:
+    shape = get_shape(cfg.model, **cfg.model_overrides)
+    if cfg.seq_len > shape.max_position_embeddings:
+        raise KolmError(
+            f"seq_len {cfg.seq_len} exceeds model {cfg.model}'s max_position_embeddings "
+            f"{shape.max_position_embeddings}; lower seq_len or set model_overrides.max_position_embeddings"
+        )
+    return shape
+
+
+def _valid_or_none(cfg: RunConfig) -> PackedDataset | None:
+    try:
+        return PackedDataset(cfg.data, "valid", cfg.seq_len, cfg.seed)
+    except KolmError as e:
+        say(f"no evaluation: {e}")
+        return None
