@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.kolm-installed
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test check lint venv clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -ra --durations=25
+
+# The inner loop: lint, then the unit and cli tiers only (no DeepSpeed engine; a few minutes).
+check: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q -m "unit or cli"
 
 lint: $(STAMP)
 	$(BIN)/ruff check --fix .

@@ -19,8 +19,6 @@ rate of kolm is shown too). The Markdown table is printed and added to ``bench/R
 from __future__ import annotations
 
 import argparse
-import datetime
-import gzip
 import json
 import os
 import platform
@@ -31,16 +29,32 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-BENCH = ROOT / "bench"
-OUT = BENCH / "out"
-RESULTS = BENCH / "RESULTS.md"
+from common import (
+    DEFAULT_CORPUS,
+    OUT,
+    RESULTS,
+    ROOT,
+    append_results,
+    bench_env,
+    command_line,
+    cpu_model,
+    die,
+    git_revision,
+    library_versions,
+    prepare_corpus,
+    read_lines,
+    rounds,
+    run_timed,
+    stem,
+    timestamp,
+    wait_for_quiet,
+)
+
 HEADING = "## Sharding throughput"
-DEFAULT_CORPUS = ROOT.parent / "shared" / "corpora" / "nsmc-reviews.txt.gz"
 
 KOLM_ALL, KOLM_ONE, SEED, CEIL, CEIL_FAST = "kolm", "kolm-1", "seed", "ceiling", "ceiling-fast"
 METHODS = (KOLM_ALL, KOLM_ONE, SEED, CEIL, CEIL_FAST)
@@ -65,47 +79,17 @@ class Measurement:
 # --------------------------------------------------------------------------- corpus and tokenizer
 
 
-def open_text(path: Path):
-    """A text-mode handle on a plain or gzipped UTF-8 file."""
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
-
-
-def read_documents(path: Path) -> list[str]:
-    """The corpus as kolm sees it for plain text: one document per line, stripped, empty lines dropped."""
-    with open_text(path) as f:
-        return [s for s in (line.strip() for line in f) if s]
-
-
-def prepare_corpus(corpus: Path, lines: int | None) -> Path:
-    """The corpus itself, or (with ``--lines``) a cached gzip of its first ``lines`` lines."""
-    if lines is None:
-        return corpus
-    name = corpus.name.removesuffix(".gz").removesuffix(".txt")
-    target = OUT / f"corpus-{name}-{lines}.txt.gz"
-    if not target.is_file():
-        OUT.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".tmp")
-        with open_text(corpus) as src, gzip.open(tmp, "wt", encoding="utf-8") as dst:
-            for _, line in zip(range(lines), src):
-                dst.write(line)
-        os.replace(tmp, target)
-    return target
-
-
 def kolm_executable() -> str:
     candidate = Path(sys.executable).parent / "kolm"
     found = str(candidate) if candidate.is_file() else shutil.which("kolm")
     if not found:
-        sys.exit("shard_bench: the `kolm` command is not installed in this environment (pip install -e .)")
+        die("the `kolm` command is not installed in this environment (pip install -e .)")
     return found
 
 
 def ensure_tokenizer(corpus: Path, vocab_size: int, max_documents: int) -> Path:
     """Train a byte-level BPE with kolm once and cache it under bench/out/."""
-    name = corpus.name.removesuffix(".gz").removesuffix(".txt").removesuffix(".jsonl")
-    target = OUT / f"tokenizer-{name}-v{vocab_size}-d{max_documents}"
+    target = OUT / f"tokenizer-{stem(corpus)}-v{vocab_size}-d{max_documents}"
     if (target / "tokenizer.json").is_file():
         return target
     cmd = [kolm_executable(), "tokenizer", "train", "--input", str(corpus), "--vocab-size", str(vocab_size),
@@ -115,73 +99,11 @@ def ensure_tokenizer(corpus: Path, vocab_size: int, max_documents: int) -> Path:
     return target
 
 
-# --------------------------------------------------------------------------- load and CPU accounting
-
-
-def busy_jiffies() -> tuple[int, int]:
-    """(busy, total) jiffies over all CPUs from /proc/stat."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    total = sum(fields[:8])
-    return total - idle, total
-
-
-def busy_cores(seconds: float = 1.0) -> float:
-    """How many cores other processes keep busy right now (sampled over ``seconds``)."""
-    b0, _ = busy_jiffies()
-    time.sleep(seconds)
-    b1, _ = busy_jiffies()
-    return (b1 - b0) / os.sysconf("SC_CLK_TCK") / seconds
-
-
-def wait_for_quiet(threshold: float, max_wait: float) -> float:
-    """Wait until the background load drops below ``threshold`` cores (at most ``max_wait`` s)."""
-    deadline = time.monotonic() + max_wait
-    load = busy_cores()
-    while load > threshold and time.monotonic() < deadline:
-        print(f"  waiting: other processes busy on {load:.2f} cores", file=sys.stderr)
-        time.sleep(4.0)
-        load = busy_cores()
-    return load
-
-
-def children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-@dataclass
-class Timed:
-    wall: float
-    cpu: float
-    background: float
-    stdout: str
-
-
-def run_timed(cmd: list[str], env: dict[str, str]) -> Timed:
-    """Run ``cmd`` to completion; wall time, CPU of its process tree, and others' load meanwhile."""
-    b0, _ = busy_jiffies()
-    c0 = children_cpu()
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    cpu = children_cpu() - c0
-    b1, _ = busy_jiffies()
-    if proc.returncode != 0:
-        sys.exit(f"shard_bench: {shlex.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    others = max(0.0, ((b1 - b0) / os.sysconf("SC_CLK_TCK") - cpu) / wall)
-    return Timed(wall, cpu, others, proc.stdout)
-
-
 # --------------------------------------------------------------------------- the methods
 
 
 def base_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS")}
-    env["HF_HOME"] = str(OUT / "hf-home")  # keep datasets' cache out of ~/.cache
-    env["HF_HUB_OFFLINE"] = "1"
-    env["PYTHONHASHSEED"] = "0"
-    return env
+    return bench_env(drop=("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS"))
 
 
 def measure_kolm(method: str, corpus: Path, tok: Path, workers: int) -> Measurement:
@@ -225,7 +147,7 @@ def child_seed(corpus: Path, tok_dir: Path, workers: int) -> dict:
 
     datasets.disable_progress_bars()
     start, cpu = time.perf_counter(), own_cpu()
-    lines = read_documents(corpus)
+    lines = read_lines(corpus)
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     dataset = datasets.Dataset.from_dict({"text": lines})
     mapped = dataset.map(lambda b: tokenizer(b["text"]), batched=True, num_proc=workers)
@@ -238,7 +160,7 @@ def child_ceiling(corpus: Path, tok_dir: Path, fast: bool) -> dict:
     """Raw `tokenizers` on the lines already in memory: only the encode call is timed."""
     from tokenizers import Tokenizer
 
-    lines = read_documents(corpus)
+    lines = read_lines(corpus)
     tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
     encode = tok.encode_batch_fast if fast else tok.encode_batch
     start, cpu = time.perf_counter(), own_cpu()
@@ -253,14 +175,6 @@ def child_main(kind: str, corpus: Path, tok_dir: Path, workers: int) -> None:
 
 
 # --------------------------------------------------------------------------- the run
-
-
-def rounds(methods: list[str], repeats: int) -> Iterable[tuple[int, str]]:
-    """Interleaved schedule: every method once per round, the order rotated each round."""
-    for r in range(repeats):
-        k = r % len(methods)
-        for m in methods[k:] + methods[:k]:
-            yield r, m
 
 
 def measure(method: str, corpus: Path, tok: Path, workers: int) -> Measurement:
@@ -285,7 +199,7 @@ def measure_clean(method: str, corpus: Path, tok: Path, workers: int, load: Load
     """Measure once; while other processes disturbed the run (busy on more than ``load.max_background``
     cores), wait for quiet and measure again, at most ``load.retries`` more times."""
     for attempt in range(load.retries + 1):
-        wait_for_quiet(load.quiet, load.max_wait)
+        wait_for_quiet(load.quiet, load.max_wait, poll=4.0)
         m = measure(method, corpus, tok, workers)
         if m.background <= load.max_background:
             break
@@ -432,48 +346,14 @@ def format_ratios(s: dict[str, Summary], results: list[Measurement]) -> str:
     return "\n".join(lines)
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def git_revision() -> str:
-    try:
-        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return rev + (" (uncommitted changes)" if dirty else "")
-
-
-def library_versions() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = []
-    for name in ("tokenizers", "transformers", "datasets"):
-        try:
-            found.append(f"{name} {version(name)}")
-        except PackageNotFoundError:
-            found.append(f"{name} missing")
-    return ", ".join(found)
-
-
-def format_report(results: list[Measurement], args: argparse.Namespace, corpus: Path, tok: Path,
-                  command: str) -> str:
-    kept = usable(results, args.max_background)
-    s = summarize(kept)
-    docs = max(m.documents for m in s.values())
-    notes = token_mismatches(results)
-    lines = [
-        f"### {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
+def report_header(args: argparse.Namespace, corpus: Path, tok: Path, command: str, documents: int) -> list[str]:
+    """The entry's heading and its list of conditions: machine, corpus, tokenizer, revision, method."""
+    return [
+        f"### {timestamp()}",
         "",
         f"- machine: {os.cpu_count()} CPUs (nproc), {cpu_model()}, Python {platform.python_version()}, "
-        f"{library_versions()}",
-        f"- corpus: `{corpus}` ({docs:,} documents"
+        f"{library_versions(('tokenizers', 'transformers', 'datasets'))}",
+        f"- corpus: `{corpus}` ({documents:,} documents"
         + (f", first {args.lines:,} lines of `{args.corpus}`" if args.lines else "") + ")",
         f"- tokenizer: `{tok.relative_to(ROOT) if tok.is_relative_to(ROOT) else tok}` (kolm byte-level BPE, "
         f"vocabulary {args.vocab_size}, trained on the first {args.max_documents:,} documents)",
@@ -482,34 +362,34 @@ def format_report(results: list[Measurement], args: argparse.Namespace, corpus: 
         f"- {args.repeats} interleaved rounds; time = median (best also shown); tokens = content tokens "
         "(kolm's EOS per document excluded, shown in 'tok/s incl. EOS'); CPU s = median CPU of the timed "
         "section, all processes and threads",
-        "",
-        format_table(s),
-        "",
-        format_ratios(s, kept),
     ]
+
+
+def report_cautions(results: list[Measurement], kept: list[Measurement], max_background: float) -> list[str]:
+    """What the reader should know about the figures: token counts that differ, disturbed runs."""
+    lines = []
+    notes = token_mismatches(results)
     if notes:
         lines += ["", "**Token counts differ between methods:** " + "; ".join(notes)]
-    disturbed = [m for m in kept if m.background > args.max_background]
+    disturbed = [m for m in kept if m.background > max_background]
     if disturbed:
         lines += ["", f"**Caution:** {len(disturbed)} of the {len(kept)} runs summarized were disturbed by other "
-                  f"processes (busy on more than {args.max_background} cores during the run, even after retries); "
+                  f"processes (busy on more than {max_background} cores during the run, even after retries); "
                   "prefer the 'best s' column."]
     elif len(kept) < len(results):
         lines += ["", f"{len(results) - len(kept)} run(s) disturbed by other processes (even after retries) are "
                   "left out of the summary."]
+    return lines
+
+
+def format_report(results: list[Measurement], args: argparse.Namespace, corpus: Path, tok: Path,
+                  command: str) -> str:
+    kept = usable(results, args.max_background)
+    s = summarize(kept)
+    docs = max(m.documents for m in s.values())
+    lines = [*report_header(args, corpus, tok, command, docs), "", format_table(s), "", format_ratios(s, kept),
+             *report_cautions(results, kept, args.max_background)]
     return "\n".join(lines) + "\n"
-
-
-def append_results(block: str) -> None:
-    """Add ``block`` at the end of the "Sharding throughput" section of RESULTS.md (created if needed)."""
-    text = RESULTS.read_text(encoding="utf-8") if RESULTS.is_file() else "# Benchmark results\n"
-    if HEADING not in text:
-        text = text.rstrip("\n") + f"\n\n{HEADING}\n\nWritten by `bench/shard_bench.py`; newest last.\n"
-    start = text.index(HEADING) + len(HEADING)
-    nxt = text.find("\n## ", start)
-    end = len(text) if nxt < 0 else nxt + 1
-    section = text[:end].rstrip("\n") + "\n\n" + block
-    RESULTS.write_text(section + ("\n" + text[end:] if end < len(text) else ""), encoding="utf-8")
 
 
 # --------------------------------------------------------------------------- command line
@@ -542,16 +422,16 @@ def main(argv: list[str] | None = None) -> int:
         child_main(args.child, args.corpus, args.tokenizer_dir, args.workers)
         return 0
     if not args.corpus.is_file():
-        sys.exit(f"shard_bench: no corpus at {args.corpus}; pass --corpus PATH")
-    command = shlex.join([Path(sys.executable).name, "bench/shard_bench.py", *(sys.argv[1:] if argv is None else argv)])
+        die(f"no corpus at {args.corpus}; pass --corpus PATH")
+    command = command_line(Path(sys.executable).name, "bench/shard_bench.py", argv)
     tok = ensure_tokenizer(args.corpus, args.vocab_size, args.max_documents)
-    corpus = prepare_corpus(args.corpus, args.lines)
+    corpus = args.corpus if args.lines is None else prepare_corpus(args.corpus, args.lines)
     load = LoadPolicy(args.quiet_cores, args.max_wait, args.max_background, args.retries)
     results = run_all(args.methods, args.repeats, corpus, tok, args.workers, load)
     report = format_report(results, args, corpus, tok, command)
     print(report)
     if not args.no_record:
-        append_results(report)
+        append_results(report, HEADING, "bench/shard_bench.py")
         print(f"appended to {RESULTS}", file=sys.stderr)
     (OUT / "last-run.json").write_text(json.dumps([asdict(m) for m in results], indent=1))
     return 0

@@ -32,31 +32,25 @@ optimizer, ...). The Markdown table is printed and appended to ``bench/RESULTS.m
 from __future__ import annotations
 
 import argparse
-import datetime
-import gzip
 import json
 import os
 import platform
 import re
-import resource
-import shlex
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-BENCH = ROOT / "bench"
-OUT = BENCH / "out"
-RESULTS = BENCH / "RESULTS.md"
+import common
+import spy_profile
+from common import DEFAULT_CORPUS, OUT, RESULTS, ROOT, die
+
+from kolm.train.metrics import read_metrics
+
 HEADING = "## Training throughput"
-DEFAULT_CORPUS = ROOT.parent / "shared" / "corpora" / "nsmc-reviews.txt.gz"
 
 SEED, KOLM_2X1, KOLM_1X2 = "seed", "kolm-2x1", "kolm-1x2"
 METHODS = (SEED, KOLM_2X1, KOLM_1X2)
@@ -123,132 +117,9 @@ class Measurement:
 # --------------------------------------------------------------------------- corpus, tokenizer, shards
 
 
-def open_text(path: Path):
-    """A text-mode handle on a plain or gzipped UTF-8 file."""
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
-
-
-def read_lines(path: Path) -> list[str]:
-    """One sample per line, as the seed reads them (stripped, empty lines dropped, as kolm does too)."""
-    with open_text(path) as f:
-        return [s for s in (line.strip() for line in f) if s]
-
-
-def stem(path: Path) -> str:
-    return path.name.removesuffix(".gz").removesuffix(".txt").removesuffix(".jsonl")
-
-
-def prepare_corpus(corpus: Path, lines: int) -> Path:
-    """A cached gzip of the first ``lines`` lines of ``corpus``."""
-    target = OUT / f"corpus-{stem(corpus)}-{lines}.txt.gz"
-    if not target.is_file():
-        OUT.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-        with open_text(corpus) as src, gzip.open(tmp, "wt", encoding="utf-8") as dst:
-            for _, line in zip(range(lines), src):
-                dst.write(line)
-        os.replace(tmp, target)
-    return target
-
-
-def kolm_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "kolm", *args]
-
-
-def run_quiet(cmd: list[str], what: str) -> None:
-    print(f"{what}: {shlex.join(cmd)}", file=sys.stderr)
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"train_bench: {what} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-
-
-def ensure_tokenizer(corpus: Path, vocab_size: int) -> Path:
-    """A byte-level BPE trained with ``kolm tokenizer train`` on the benchmark text, cached."""
-    target = OUT / f"tokenizer-{stem(corpus)}-v{vocab_size}"
-    if not (target / "tokenizer.json").is_file():
-        run_quiet(kolm_cmd("tokenizer", "train", "--input", str(corpus), "--vocab-size", str(vocab_size),
-                           "--out", str(target), "--force"), "training the tokenizer")
-    return target
-
-
-def ensure_shards(corpus: Path, tok: Path, valid_fraction: float) -> Path:
-    """kolm shards of the benchmark text with that tokenizer, cached."""
-    target = OUT / f"train-shards-{stem(corpus)}-{tok.name}"
-    if not (target / "manifest.json").is_file():
-        run_quiet(kolm_cmd("shard", "--input", str(corpus), "--tokenizer", str(tok), "--out", str(target),
-                           "--valid-fraction", str(valid_fraction), "--overwrite", "--no-progress"), "sharding")
-    return target
-
-
-# --------------------------------------------------------------------------- load accounting
-
-
-def busy_jiffies() -> int:
-    """Busy jiffies over all CPUs from /proc/stat."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return sum(fields[:8]) - fields[3] - fields[4]
-
-
-def children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def busy_cores(seconds: float = 1.0) -> float:
-    """Cores kept busy by all processes right now (sampled over ``seconds``)."""
-    b0 = busy_jiffies()
-    time.sleep(seconds)
-    return (busy_jiffies() - b0) / os.sysconf("SC_CLK_TCK") / seconds
-
-
-def wait_for_quiet(threshold: float, max_wait: float) -> float:
-    """Wait until other processes use fewer than ``threshold`` cores (at most ``max_wait`` s)."""
-    deadline = time.monotonic() + max_wait
-    load = busy_cores()
-    while load > threshold and time.monotonic() < deadline:
-        print(f"  waiting: other processes busy on {load:.2f} cores", file=sys.stderr)
-        time.sleep(5.0)
-        load = busy_cores()
-    return load
-
-
-@dataclass
-class Timed:
-    wall: float
-    background: float
-    stdout: str
-    stderr: str
-
-
-def run_timed(cmd: list[str], env: dict[str, str], log: Path, timeout: float) -> Timed:
-    """Run ``cmd`` to completion (its own process group, killed on timeout); wall time and others' load."""
-    b0, c0, t0 = busy_jiffies(), children_cpu(), time.perf_counter()
-    with open(log, "w") as err:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err, text=True,
-                                start_new_session=True)
-        try:
-            stdout, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            sys.exit(f"train_bench: {shlex.join(cmd)} ran past {timeout:.0f} s; log in {log}")
-    wall = time.perf_counter() - t0
-    cpu = children_cpu() - c0
-    others = max(0.0, ((busy_jiffies() - b0) / os.sysconf("SC_CLK_TCK") - cpu) / wall)
-    stderr = log.read_text(errors="replace")
-    if proc.returncode != 0:
-        sys.exit(f"train_bench: {shlex.join(cmd)} failed ({proc.returncode}):\n{stderr[-4000:]}")
-    return Timed(wall, others, stdout, stderr)
-
-
 def base_env(threads: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), DS_ACCELERATOR="cpu",
-               HF_HOME=str(OUT / "hf-home"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONHASHSEED="0")
-    return env
+    return common.bench_env(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), DS_ACCELERATOR="cpu",
+                     TOKENIZERS_PARALLELISM="false")
 
 
 # --------------------------------------------------------------------------- the seed (child process)
@@ -270,7 +141,7 @@ def seed_dataset(corpus: Path, tok, seq_len: int):
     import datasets
 
     datasets.disable_progress_bars()
-    lines = read_lines(corpus)
+    lines = common.read_lines(corpus)
     ds = datasets.Dataset.from_dict({"text": lines})
     return ds.map(lambda b: tok(b["text"], truncation=True, max_length=seq_len, return_overflowing_tokens=True),
                   batched=True, remove_columns=ds.column_names)
@@ -298,7 +169,7 @@ def child_seed(corpus: Path, tok_dir: Path, model: str, seq_len: int, threads: i
     try:
         import accelerate  # noqa: F401  (Trainer needs it; the `bench` extra does not bring it)
     except ImportError:
-        sys.exit("train_bench: transformers.Trainer needs `accelerate`: .venv/bin/pip install accelerate")
+        die("transformers.Trainer needs `accelerate`: .venv/bin/pip install accelerate")
     from transformers import (
         AutoTokenizer,
         DataCollatorForLanguageModeling,
@@ -347,7 +218,7 @@ def measure_seed(corpus: Path, tok: Path, args: argparse.Namespace) -> Measureme
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", SEED, "--data-corpus", str(corpus),
            "--tokenizer-dir", str(tok), "--model", args.model, "--seq-len", str(args.seq_len),
            "--warmup", str(args.warmup), "--steps", str(args.seed_steps or args.steps)]
-    timed = run_timed(cmd, base_env(args.threads), log, args.timeout)
+    timed = common.run_timed(cmd, base_env(args.threads), log, args.timeout, cwd=ROOT)
     report = json.loads(timed.stdout.strip().splitlines()[-1])
     marks = report["marks"][args.warmup:]  # marks[0] is train begin, marks[k] the end of step k
     pairs = list(zip(marks, marks[1:]))
@@ -363,7 +234,8 @@ def measure_seed(corpus: Path, tok: Path, args: argparse.Namespace) -> Measureme
 
 def flops_for(tok: Path, model: str, seq_len: int) -> float:
     from kolm.data.tokenizer import load_tokenizer_info
-    from kolm.model.presets import flops_per_token, get_shape, padded_vocab
+    from kolm.model.flops import flops_per_token
+    from kolm.model.presets import get_shape, padded_vocab
 
     return flops_per_token(get_shape(model), padded_vocab(load_tokenizer_info(tok).vocab_size), seq_len)
 
@@ -396,11 +268,6 @@ def kolm_launch(method: str, args: argparse.Namespace, shards: Path, tok: Path, 
     return cmd, work
 
 
-def train_records(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    return [r for r in map(json.loads, lines) if r.get("kind") == "train"]
-
-
 def steady_state(records: list[dict], warmup: int) -> tuple[list[float], int, float]:
     """(seconds of each logged step after the first ``warmup``, tokens per step, MFU per token/s).
 
@@ -415,8 +282,8 @@ def steady_state(records: list[dict], warmup: int) -> tuple[list[float], int, fl
 def measure_kolm(method: str, shards: Path, tok: Path, args: argparse.Namespace) -> Measurement:
     nproc, threads = LAYOUTS[method]
     cmd, work = kolm_launch(method, args, shards, tok, args.warmup + args.steps)
-    timed = run_timed(cmd, base_env(threads), work / "train.log", args.timeout)
-    records = train_records(work / "run")
+    timed = common.run_timed(cmd, base_env(threads), work / "train.log", args.timeout, cwd=ROOT)
+    records = read_metrics(work / "run").train
     seconds, per_step, scale = steady_state(records, args.warmup)
     peak = re.search(r"peak ([\d.]+) GFLOP/s per device", timed.stderr)
     kept = records[args.warmup:]
@@ -431,92 +298,14 @@ def measure_kolm(method: str, shards: Path, tok: Path, args: argparse.Namespace)
 
 # --------------------------------------------------------------------------- profile of one kolm rank (py-spy)
 
-CATEGORIES = (  # first match wins, tested on the frames of a sample from the innermost outwards
-    ("gradient/param communication (gloo)", ("torch/distributed/", "deepspeed/comm/")),
-    ("optimizer step (AdamW)", ("torch/optim/",)),
-    ("ZeRO bookkeeping (flatten, copy, clip)", ("deepspeed/runtime/zero/", "deepspeed/runtime/utils.py")),
-    ("loss (token_stats: fp32 logits, CE, argmax)", ("kolm/metrics.py",)),
-    ("backward (autograd)", ("torch/autograd/", "torch/_tensor.py")),
-    ("forward (PhiForCausalLM)", ("transformers/",)),
-    ("data (PackedDataset)", ("kolm/packed.py",)),
-)
-
-
-def find_child(parent: int, env_key: str, value: str, timeout: float) -> int:
-    """The pid of a descendant of ``parent`` whose environment has ``env_key=value``."""
-    deadline = time.monotonic() + timeout
-    want = f"{env_key}={value}".encode()
-    while time.monotonic() < deadline:
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                if ppid == parent and want in (entry / "environ").read_bytes().split(b"\0"):
-                    return int(entry.name)
-            except (OSError, ValueError, IndexError):
-                continue
-        time.sleep(0.5)
-    sys.exit(f"train_bench: no process with {env_key}={value} under pid {parent}")
-
-
-def classify(frames: list[str]) -> str:
-    for name, needles in CATEGORIES:
-        if any(n in f for f in frames for n in needles):
-            return name
-    return "other"
-
-
-def read_py_spy_raw(path: Path) -> Counter:
-    """Samples of the training (main) thread by category, from py-spy's collapsed-stack output."""
-    counts: Counter = Counter()
-    for line in path.read_text(errors="replace").splitlines():
-        stack, _, n = line.rpartition(" ")
-        if "kolm/train.py" not in stack:
-            continue
-        counts[classify(stack.split(";")[::-1])] += int(n)
-    return counts
-
 
 def profile_kolm(shards: Path, tok: Path, args: argparse.Namespace) -> Counter:
     """Run the 2-process layout and sample rank 0's stacks with py-spy (idle frames included) in steady state."""
-    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    if not Path(py_spy).is_file():
-        sys.exit("train_bench: --profile needs py-spy: .venv/bin/pip install py-spy")
-    steps = args.warmup + args.steps + 2
-    cmd, work = kolm_launch(KOLM_2X1, args, shards, tok, steps)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=base_env(1), stdout=subprocess.DEVNULL,
-                            stderr=open(work / "train.log", "w"), start_new_session=True)
-    try:
-        rank0 = find_child(proc.pid, "RANK", "0", 60)
-        metrics = work / "run" / "metrics.jsonl"
-        deadline = time.monotonic() + args.timeout
-        while (not metrics.is_file() or len(train_records(work / "run")) < args.warmup) and proc.poll() is None:
-            if time.monotonic() > deadline:
-                sys.exit("train_bench: profile run did not reach the steady state in time")
-            time.sleep(1.0)
-        done = len(train_records(work / "run"))
-        out = work / "py-spy.txt"
-        spy = [py_spy, "record", "--pid", str(rank0), "--rate", "50", "--idle", "--nonblocking", "--format", "raw",
-               "--duration", str(args.profile_seconds), "--output", str(out)]
-        print(f"profiling rank 0 (pid {rank0}) from step {done}: {shlex.join(spy)}", file=sys.stderr)
-        subprocess.run(spy, check=True, capture_output=True)
-        proc.wait(timeout=args.timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    spy = spy_profile.py_spy()
+    cmd, work = kolm_launch(KOLM_2X1, args, shards, tok, args.warmup + args.steps + 2)
+    counts = spy_profile.profile_rank0(spy, cmd, base_env(1), work, args.warmup, args.profile_seconds, args.timeout)
     shutil.rmtree(work / "run" / "checkpoints", ignore_errors=True)
-    return read_py_spy_raw(out)
-
-
-def format_profile(counts: Counter, seconds: int) -> str:
-    total = sum(counts.values()) or 1
-    rows = [f"py-spy on rank 0 of `kolm train` (2 processes x 1 thread), {seconds} s of steady state, "
-            f"{total} samples of the training thread (waiting included):", "",
-            "| where rank 0's training thread is | share |", "|---|--:|"]
-    rows += [f"| {name} | {n / total:.1%} |" for name, n in counts.most_common()]
-    return "\n".join(rows)
+    return counts
 
 
 # --------------------------------------------------------------------------- machine peak (child process)
@@ -526,7 +315,7 @@ def child_peak() -> dict:
     """Matmul FLOP/s (1024^3, the probe kolm uses for MFU) for 1 and 2 threads, fp32 and bf16."""
     import torch
 
-    from kolm.train.metrics import measured_matmul_flops
+    from kolm.train.hardware import measured_matmul_flops
 
     out = {}
     for threads in (1, 2):
@@ -540,19 +329,11 @@ def child_peak() -> dict:
 
 def measure_peaks(args: argparse.Namespace) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "peak"]
-    timed = run_timed(cmd, base_env(2), OUT / "peak.log", args.timeout)
+    timed = common.run_timed(cmd, base_env(2), OUT / "peak.log", args.timeout, cwd=ROOT)
     return json.loads(timed.stdout.strip().splitlines()[-1])
 
 
 # --------------------------------------------------------------------------- the run
-
-
-def rounds(methods: list[str], repeats: int) -> Iterable[tuple[int, str]]:
-    """Interleaved schedule: every method once per round, the order rotated each round."""
-    for r in range(repeats):
-        k = r % len(methods)
-        for m in methods[k:] + methods[:k]:
-            yield r, m
 
 
 def measure(method: str, corpus: Path, shards: Path, tok: Path, args: argparse.Namespace) -> Measurement:
@@ -570,8 +351,8 @@ def run_all(corpus: Path, shards: Path, tok: Path, args: argparse.Namespace) -> 
     """Every method once per round; the matmul peaks are measured again at the start of each round."""
     results: list[Measurement] = []
     peaks: dict = {}
-    for r, method in rounds(args.methods, args.repeats):
-        wait_for_quiet(args.quiet_cores, args.max_wait)
+    for r, method in common.rounds(args.methods, args.repeats):
+        common.wait_for_quiet(args.quiet_cores, args.max_wait)
         if len(results) % len(args.methods) == 0:
             peaks = merge_peaks(peaks, measure_peaks(args))
             print("  peaks (GFLOP/s): " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in peaks.items()), file=sys.stderr)
@@ -634,34 +415,14 @@ def format_table(best: dict[str, Measurement], peaks: dict, all_runs: list[Measu
     return "\n".join(rows)
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def library_versions() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = []
-    for name in ("torch", "transformers", "deepspeed", "accelerate", "datasets"):
-        try:
-            found.append(f"{name} {version(name)}")
-        except PackageNotFoundError:
-            found.append(f"{name} missing")
-    return ", ".join(found)
-
-
-def format_report(best: dict[str, Measurement], results: list[Measurement], peaks: dict, args: argparse.Namespace,
-                  tok: Path, command: str, load_before: float, profile: str | None) -> str:
-    seed = best.get(SEED)
+def report_header(peaks: dict, args: argparse.Namespace, tok: Path, command: str, load_before: float) -> list[str]:
+    """The entry's heading and its list of conditions: machine, peaks, data and model, what was timed."""
     fpt = flops_for(tok, args.model, args.seq_len)
-    lines = [
-        f"### {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
+    return [
+        f"### {common.timestamp()}",
         "",
-        f"- machine: {os.cpu_count()} CPUs, {cpu_model()}, no GPU; Python {platform.python_version()}, "
-        f"{library_versions()}",
+        f"- machine: {os.cpu_count()} CPUs, {common.cpu_model()}, no GPU; Python {platform.python_version()}, "
+        f"{common.library_versions(('torch', 'transformers', 'deepspeed', 'accelerate', 'datasets'))}",
         f"- matmul peak (best per round; 1024^3 fp32, bf16 at 256^3): fp32 {peaks['float32-1'] / 1e9:.1f} GFLOP/s "
         "on 1 thread, "
         f"{peaks['float32-2'] / 1e9:.1f} on 2; bf16 {peaks['bfloat16-1'] / 1e9:.1f} / {peaks['bfloat16-2'] / 1e9:.1f}"
@@ -672,17 +433,24 @@ def format_report(best: dict[str, Measurement], results: list[Measurement], peak
         f"- timed: {args.steps} optimizer steps after {args.warmup} warmup steps (seed: "
         f"{args.seed_steps or args.steps}); {args.repeats} interleaved round(s), best run shown",
         f"- command: `{command}`",
-        f"- load before the run: {load_before:.2f} cores busy (`uptime`: {uptime()})",
-        "",
-        format_table(best, peaks, results),
-        "",
-        "Useful tokens = non-padding tokens processed (every kolm token is useful: packed windows). "
-        "'MFU (kolm log)' is kolm's own figure (per-device tokens/s x FLOPs/token / the matmul peak each rank "
-        "measures in 1 s at start-up); 'model FLOPs / fp32 peak' uses this script's 2-thread fp32 peak "
-        "(for the seed, FLOPs/token at its mean padded length, padding counted as work). Rates are given for "
-        "the median timed step (robust to other jobs taking the CPUs for part of a run) and for the whole "
-        "timed window; the best run of each method (by median-step rate) is shown.",
+        f"- load before the run: {load_before:.2f} cores busy (`uptime`: {common.uptime()})",
     ]
+
+
+TABLE_NOTE = (
+    "Useful tokens = non-padding tokens processed (every kolm token is useful: packed windows). "
+    "'MFU (kolm log)' is kolm's own figure (per-device tokens/s x FLOPs/token / the matmul peak each rank "
+    "measures in 1 s at start-up); 'model FLOPs / fp32 peak' uses this script's 2-thread fp32 peak "
+    "(for the seed, FLOPs/token at its mean padded length, padding counted as work). Rates are given for "
+    "the median timed step (robust to other jobs taking the CPUs for part of a run) and for the whole "
+    "timed window; the best run of each method (by median-step rate) is shown."
+)
+
+
+def report_findings(best: dict[str, Measurement], peaks: dict) -> list[str]:
+    """kolm against the seed, and the gradient norms kolm logged."""
+    seed = best.get(SEED)
+    lines = []
     for method in (KOLM_2X1, KOLM_1X2):
         if seed and method in best:
             k = best[method]
@@ -694,27 +462,18 @@ def format_report(best: dict[str, Measurement], results: list[Measurement], peak
         if m.grad_norms:
             norms = ", ".join("-" if g is None else f"{g:.3g}" for g in m.grad_norms)
             lines.append(f"- {m.method} grad_norm per step as kolm logs it: {norms}")
+    return lines
+
+
+def format_report(best: dict[str, Measurement], results: list[Measurement], peaks: dict, args: argparse.Namespace,
+                  tok: Path, command: str, load_before: float, profile: str | None) -> str:
+    lines = [*report_header(peaks, args, tok, command, load_before), "", format_table(best, peaks, results), "",
+             TABLE_NOTE, *report_findings(best, peaks)]
     if profile:
         lines += ["", profile]
     if args.notes:
         lines += ["", f"Notes: {args.notes}"]
     return "\n".join(lines) + "\n"
-
-
-def uptime() -> str:
-    return "load average " + " ".join(Path("/proc/loadavg").read_text().split()[:3])
-
-
-def append_results(block: str) -> None:
-    """Append ``block`` at the end of RESULTS.md, under a new "Training throughput" heading unless the last
-    section already is that one. Nothing already in the file is rewritten."""
-    text = RESULTS.read_text(encoding="utf-8") if RESULTS.is_file() else ""
-    headings = [line for line in text.splitlines() if line.startswith("## ")]
-    prefix = "" if text else "# Benchmark results\n"
-    if not headings or headings[-1].strip() != HEADING:
-        prefix += f"\n{HEADING}\n\nWritten by `bench/train_bench.py`; newest last.\n"
-    with open(RESULTS, "a", encoding="utf-8") as f:
-        f.write(("\n" if text and not text.endswith("\n") else "") + prefix + "\n" + block)
 
 
 # --------------------------------------------------------------------------- command line
@@ -759,32 +518,40 @@ def child_main(args: argparse.Namespace) -> None:
     print(json.dumps(report))
 
 
+def prepare(args: argparse.Namespace) -> tuple[Path, Path, Path]:
+    """The benchmark's text, its tokenizer and its shards (each cached in ``bench/out/``)."""
+    if not args.corpus.is_file():
+        die(f"no corpus at {args.corpus}; pass --corpus PATH")
+    corpus = common.prepare_corpus(args.corpus, args.lines)
+    return corpus, *common.ensure_training_data(corpus, args.vocab_size)
+
+
+def record(report: str, results: list[Measurement], args: argparse.Namespace) -> None:
+    """Print the report, append it to RESULTS.md unless ``--no-record``, keep every run's figures."""
+    print(report)
+    if not args.no_record:
+        common.append_results(report, HEADING, "bench/train_bench.py", append_only=True)
+        print(f"appended to {RESULTS}", file=sys.stderr)
+    (OUT / "train-last-run.json").write_text(json.dumps([asdict(m) for m in results], indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         child_main(args)
         return 0
-    if not args.corpus.is_file():
-        sys.exit(f"train_bench: no corpus at {args.corpus}; pass --corpus PATH")
-    command = shlex.join([".venv/bin/python", "bench/train_bench.py", *(sys.argv[1:] if argv is None else argv)])
-    load_before = busy_cores(2.0)
-    corpus = prepare_corpus(args.corpus, args.lines)
-    tok = ensure_tokenizer(corpus, args.vocab_size)
-    shards = ensure_shards(corpus, tok, 0.002)
+    command = common.command_line(".venv/bin/python", "bench/train_bench.py", argv)
+    load_before = common.busy_cores(2.0)
+    corpus, tok, shards = prepare(args)
     profile = None
     if args.profile:
-        wait_for_quiet(args.quiet_cores, args.max_wait)
-        profile = format_profile(profile_kolm(shards, tok, args), args.profile_seconds)
+        common.wait_for_quiet(args.quiet_cores, args.max_wait)
+        profile = spy_profile.format_profile(profile_kolm(shards, tok, args), args.profile_seconds)
         print(profile, file=sys.stderr)
     if not args.methods:
         return 0
     results, peaks = run_all(corpus, shards, tok, args)
-    report = format_report(best_of(results), results, peaks, args, tok, command, load_before, profile)
-    print(report)
-    if not args.no_record:
-        append_results(report)
-        print(f"appended to {RESULTS}", file=sys.stderr)
-    (OUT / "train-last-run.json").write_text(json.dumps([asdict(m) for m in results], indent=1))
+    record(format_report(best_of(results), results, peaks, args, tok, command, load_before, profile), results, args)
     return 0
 
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from kolm.train.checkpoint import MARKER, best_checkpoint, complete_checkpoints, find_resume, prune
+
+pytestmark = pytest.mark.unit
 
 
 def _fake(ckpt_dir, step, eval_loss=None, complete=True, payload=b"weights"):

@@ -9,18 +9,12 @@ import pytest
 import torch
 
 from kolm.errors import KolmError
-from kolm.model.presets import (
-    PRESETS,
-    build_config,
-    flops_per_token,
-    get_shape,
-    padded_vocab,
-    parameter_count,
-    phi_config_dict,
-)
+from kolm.model.flops import flops_per_token, parameter_count
+from kolm.model.presets import PRESETS, build_config, get_shape, padded_vocab, phi_config_dict
 from kolm.train import distenv, dsconfig
 from kolm.train.config import RunConfig, load_config
 
+pytestmark = pytest.mark.unit
 BASE = ["data=/d", "tokenizer=/t", "run_dir=/r"]
 
 
@@ -161,7 +155,7 @@ def test_torchrun_environment_requires_master(monkeypatch):
 
 
 def test_token_stats_scores_prediction_i_against_token_i_plus_1():
-    from kolm.train.metrics import EvalTotals, token_stats
+    from kolm.model.loss import EvalTotals, token_stats
 
     vocab = 5
     window = torch.tensor([[1, 2, 3, 4]])

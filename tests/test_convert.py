@@ -13,12 +13,12 @@ import time
 
 import pytest
 import torch
-from conftest import run_kolm
-from dist import run_ranks, train_to_end
+from helpers.cli import run_kolm
+from helpers.dist import run_ranks, train_to_end
 
 from kolm.train.checkpoint import MARKER, complete_checkpoints
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.dist
 PROMPT = "밥을 먹고 나면 늘 하는 생각이 있는데"
 
 
@@ -34,10 +34,10 @@ ENGINE_LOGITS = textwrap.dedent("""
     from kolm.train.config import load_config
     from kolm.train.loop import Trainer
     t = Trainer(load_config(sys.argv[1]))
-    x = torch.from_numpy(t.plan.valid.eval_batches(2, 0, 1).__next__())
+    x = torch.from_numpy(t.setup.valid.eval_batches(2, 0, 1).__next__())
     with torch.no_grad():
         logits = t.engine(input_ids=x[:, :-1].to(t.device)).logits.float()
-    if t.plan.env.rank == 0:
+    if t.setup.env.rank == 0:
         torch.save({"ids": x[:, :-1], "logits": logits}, sys.argv[2])
     t.finish(0)
 """)

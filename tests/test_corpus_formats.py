@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
-from conftest import run_kolm
+import pytest
+from helpers.cli import run_kolm
 from transformers import AutoTokenizer
 
 from kolm.data.indexed import open_tokens, read_index
 from kolm.data.manifest import load_shard_dir
+
+pytestmark = pytest.mark.cli
 
 
 def _documents(shard_dir, tokenizer_dir) -> list[str]:

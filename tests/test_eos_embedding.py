@@ -11,8 +11,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import run_kolm
-from dist import run_ranks, train_records, write_recipe
+from helpers.cli import run_kolm
+from helpers.dist import run_ranks, train_records, write_recipe
 
 from kolm.data.packed import PackedDataset
 from kolm.data.tokenizer import load_tokenizer_info
@@ -20,7 +20,6 @@ from kolm.model.presets import PRESETS, phi_config_dict
 from kolm.train.config import load_config
 from kolm.train.health import GradNormWatch
 
-pytestmark = pytest.mark.slow
 # Ten layers: deep enough that a zero residual stream at position 0 blows the gradient up by
 # orders of magnitude (about 1e8 for this width with the old frozen EOS row).
 DEEP = {"model": "phi-tiny", "model_overrides": {"num_hidden_layers": 10}, "seq_len": 64, "global_batch": 4,
@@ -49,8 +48,8 @@ def _plain_autograd_norm(recipe, dtype: torch.dtype) -> float:
     """The step-1 gradient norm of the same initial weights on the same samples, without DeepSpeed."""
     from transformers import PhiForCausalLM
 
-    from kolm.train.loop import prepare
-    from kolm.train.metrics import token_stats
+    from kolm.model.loss import token_stats
+    from kolm.train.setup import prepare
 
     cfg = load_config(recipe)
     plan = prepare(cfg)
@@ -80,6 +79,7 @@ def runs(tmp_path_factory, shards, tokenizer_dir, eos_seed):
     return run
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_a_window_starting_with_eos_gives_a_sane_gradient_norm(runs, stage, precision):
@@ -91,6 +91,7 @@ def test_a_window_starting_with_eos_gives_a_sane_gradient_norm(runs, stage, prec
     assert "gradient norm" not in out  # no spike warning
 
 
+@pytest.mark.dist
 def test_the_eos_row_trains_and_the_export_pads_batched_prompts(runs, tmp_path, tokenizer_dir):
     recipe, run_dir, _ = runs(2, "fp32")
     out = tmp_path / "model"
@@ -103,7 +104,7 @@ def test_the_eos_row_trains_and_the_export_pads_batched_prompts(runs, tmp_path, 
     from safetensors.torch import load_file
     from transformers import PhiForCausalLM, pipeline
 
-    from kolm.train.loop import prepare
+    from kolm.train.setup import prepare
 
     cfg = load_config(recipe)
     torch.manual_seed(cfg.seed)
@@ -119,6 +120,7 @@ def test_the_eos_row_trains_and_the_export_pads_batched_prompts(runs, tmp_path, 
     assert batched == alone and all(a.startswith(p) and len(a) > len(p) for a, p in zip(alone, prompts))
 
 
+@pytest.mark.dist
 def test_a_checkpoint_with_eos_padding_resumes_and_converts_untied(runs, tmp_path):
     recipe, run_dir, _ = runs(2, "fp32")
     old = tmp_path / "run"
@@ -141,11 +143,13 @@ def test_a_checkpoint_with_eos_padding_resumes_and_converts_untied(runs, tmp_pat
     assert resumed["model_config"]["pad_token_id"] is None
 
 
+@pytest.mark.unit
 def test_no_preset_ties_padding_to_a_token():
     for shape in PRESETS.values():
         assert phi_config_dict(shape, 51200, 0, 0, 2048)["pad_token_id"] is None
 
 
+@pytest.mark.unit
 def test_gradient_norm_spikes_are_named_and_counted():
     watch = GradNormWatch(factor=1e4)
     # Before any history the clipping threshold is the reference: the first steps of the old bug.

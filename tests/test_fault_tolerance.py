@@ -13,15 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_kolm
-from dist import run_ranks, train_records, train_to_end, write_recipe
+from helpers.cli import run_kolm
+from helpers.dist import run_ranks, train_records, write_recipe
 
-from kolm.data.corpus import bundled_corpus_files
-from kolm.data.tokenizer import train_tokenizer
 from kolm.files import sha256_file
 from kolm.train.checkpoint import complete_checkpoints, find_resume, why_incomplete
 
-pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 RUN = {"train_steps": 12, "save_every": 4, "keep_checkpoints": 3}
 
@@ -35,11 +32,11 @@ def _snapshot(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, shards, tokenizer_dir):
-    """A finished 12-step run on 2 ranks with checkpoints at steps 4, 8 and 12."""
-    root = tmp_path_factory.mktemp("finished")
-    return root / "run", train_to_end(root, shards, tokenizer_dir, **RUN)
+@pytest.fixture
+def finished_run(reference_run):
+    """A finished 12-step run on 2 ranks with checkpoints at steps 4, 8 and 12 (the session's
+    reference run, whose settings RUN restates): (run dir, recipe); copy it before changing it."""
+    return reference_run
 
 
 @pytest.fixture
@@ -54,6 +51,7 @@ def _check(tmp_path, shards: Path, tokenizer: Path, **overrides) -> subprocess.C
     return run_kolm("train", "--config", recipe, "--check")
 
 
+@pytest.mark.cli
 def test_truncated_shard_stops_training_and_verify_names_it(tmp_path, shard_copy, tokenizer_dir):
     bin_path = next((shard_copy / "train").glob("*.bin"))
     with open(bin_path, "r+b") as f:
@@ -66,6 +64,7 @@ def test_truncated_shard_stops_training_and_verify_names_it(tmp_path, shard_copy
     assert _snapshot(shard_copy) == before and not (tmp_path / "run").exists()
 
 
+@pytest.mark.cli
 def test_flipped_byte_in_a_shard_is_named_by_verify(shard_copy):
     idx_path = next((shard_copy / "valid").glob("*.idx"))
     data = bytearray(idx_path.read_bytes())
@@ -76,6 +75,7 @@ def test_flipped_byte_in_a_shard_is_named_by_verify(shard_copy):
     assert "kolm shard --overwrite" in verify.stderr
 
 
+@pytest.mark.dist
 def test_corrupt_token_ids_stop_training_naming_the_shard(tmp_path, shard_copy, tokenizer_dir):
     # Same sizes, so only reading the tokens can tell. Every 50th token gets an id past the
     # vocabulary (uint16 high byte 0xFF), so the first batch of either rank meets one.
@@ -95,6 +95,7 @@ def test_corrupt_token_ids_stop_training_naming_the_shard(tmp_path, shard_copy, 
     assert _snapshot(shard_copy) == before and not complete_checkpoints(tmp_path / "run" / "checkpoints")
 
 
+@pytest.mark.cli
 def test_missing_idx_is_named(tmp_path, shard_copy, tokenizer_dir):
     idx_path = next((shard_copy / "train").glob("*.idx"))
     idx_path.unlink()
@@ -103,6 +104,7 @@ def test_missing_idx_is_named(tmp_path, shard_copy, tokenizer_dir):
     assert f"{idx_path}: missing" in run_kolm("shard", "verify", shard_copy).stderr
 
 
+@pytest.mark.cli
 def test_hand_edited_manifest_is_refused(tmp_path, shard_copy, tokenizer_dir):
     manifest_path = shard_copy / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
@@ -115,13 +117,14 @@ def test_hand_edited_manifest_is_refused(tmp_path, shard_copy, tokenizer_dir):
     assert _snapshot(shard_copy) == before
 
 
-def test_tokenizer_that_does_not_match_the_shards_is_refused(tmp_path, shards):
-    other = tmp_path / "other-tokenizer"
-    train_tokenizer(bundled_corpus_files(), other, vocab_size=1000, progress=False)
+@pytest.mark.cli
+def test_tokenizer_that_does_not_match_the_shards_is_refused(tmp_path, shards, other_tokenizer):
+    other = other_tokenizer
     proc = _check(tmp_path, shards, other)
     assert proc.returncode == 2 and str(other) in proc.stderr and "does not match the tokenizer of" in proc.stderr
 
 
+@pytest.mark.dist
 def test_missing_rank_file_falls_back_to_the_previous_checkpoint(tmp_path, finished_run, shards, tokenizer_dir):
     src, _ = finished_run
     run = tmp_path / "run"
@@ -140,6 +143,7 @@ def test_missing_rank_file_falls_back_to_the_previous_checkpoint(tmp_path, finis
     assert _losses(run) == _losses(src)
 
 
+@pytest.mark.dist
 def test_latest_naming_a_missing_tag_is_ignored_and_said(tmp_path, finished_run):
     src, _ = finished_run
     run = tmp_path / "run"
@@ -156,6 +160,7 @@ def test_latest_naming_a_missing_tag_is_ignored_and_said(tmp_path, finished_run)
     assert "model.safetensors" in files and not {f for f in files if f.endswith((".bin", ".pt", ".pkl", ".pth"))}
 
 
+@pytest.mark.dist
 def test_run_dir_of_a_different_recipe_is_refused_before_any_engine(tmp_path, finished_run, shards, tokenizer_dir):
     src, _ = finished_run
     run = tmp_path / "run"
@@ -185,6 +190,7 @@ def _mount_small_disk(path: Path, size_mb: int) -> None:
         pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.strip()}")
 
 
+@pytest.mark.dist
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small filesystem needs root")
 def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, finished_run, shards, tokenizer_dir):
     src, _ = finished_run
@@ -223,22 +229,26 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, finished
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
-def test_a_lock_left_by_a_start_killed_while_loading_ops_does_not_hang_the_next(tmp_path, shards, tokenizer_dir):
+@pytest.mark.dist
+def test_a_lock_left_by_a_start_killed_while_loading_ops_does_not_hang_the_next(tmp_path, reference_run, shards,
+                                                                                 tokenizer_dir):
     # torch's build lock, as a rank SIGKILLed while loading DeepSpeed's shared-memory op leaves it;
-    # before kolm loaded the ops itself, every later start waited on it forever.
-    from torch.utils.cpp_extension import _get_build_directory
-
-    baton = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "lock"
+    # before kolm loaded the ops itself, every later start waited on it forever. In a private copy of
+    # the suite's built ops, so that no other run (or suite) can clear the planted lock first.
+    extensions = tmp_path / "torch_extensions"
+    shutil.copytree(os.environ["TORCH_EXTENSIONS_DIR"], extensions)
+    baton = extensions / "deepspeed_shm_comm" / "lock"
+    assert baton.parent.is_dir(), sorted(p.name for p in extensions.iterdir())
     baton.touch()
     recipe = write_recipe(tmp_path / "r.yaml", shards, tokenizer_dir, tmp_path / "run", train_steps=2, save_every=2)
-    try:
-        codes, out = run_ranks(2, recipe, log_dir=tmp_path / "logs", timeout=300)
-    finally:
-        baton.unlink(missing_ok=True)
+    codes, out = run_ranks(2, recipe, log_dir=tmp_path / "logs", timeout=300,
+                           extra_env={"TORCH_EXTENSIONS_DIR": str(extensions)})
     assert codes == [0, 0], out[-3000:]
-    assert "left by a process killed while loading a DeepSpeed op" in out
+    assert f"removing {baton}, left by a process killed while loading a DeepSpeed op" in out
+    assert not baton.exists()
 
 
+@pytest.mark.cli
 def test_slurm_script_outside_a_job_says_which_variable(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     proc = subprocess.run(["bash", str(REPO / "slurm/pretrain.sbatch"), "recipes/tiny-cpu.yaml"], env=env,
@@ -246,6 +256,7 @@ def test_slurm_script_outside_a_job_says_which_variable(tmp_path):
     assert proc.returncode == 2 and "SLURM_JOB_ID is not set: submit this script with sbatch" in proc.stderr
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("args, message", [
     (["--nodes", "0"], "nodes must be at least 1"),
     (["--time", "5", "--signal-delay", "600"], "leaves no time to train"),

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from dist import train_records, write_recipe
+from helpers.dist import train_records, write_recipe
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.dist
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -14,6 +14,7 @@ from kolm.data.packed import PackedDataset, check_batch_layout
 from kolm.data.shard import ShardOptions, run_shard
 from kolm.errors import KolmError
 
+pytestmark = pytest.mark.unit
 SEQ = 32
 
 

@@ -2,14 +2,12 @@
 
 The shards must decode back to the normalized input, be byte-identical whatever the number of
 workers, array tasks or kills along the way, be readable by megatron-core, and keep memory flat.
-Bad input is covered in test_shard_bad_input.py, which reuses the helpers defined here.
+Bad input is covered in test_shard_bad_input.py; the helpers both use are in helpers/shard.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gzip
-import hashlib
 import json
 import os
 import random
@@ -21,176 +19,36 @@ import sys
 import time
 import unicodedata
 import warnings
-from collections import Counter
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_kolm
+from helpers.shard import (
+    assert_same_documents,
+    assert_same_output,
+    assert_user_error,
+    clean_env,
+    decoded,
+    kolm,
+    leftovers,
+    manifest,
+    normalized,
+    shard,
+    shard_args,
+    shard_documents,
+    units_done,
+    write_corpus,
+    write_jsonl,
+    write_lines,
+    write_parquet,
+)
 
 from kolm.data import indexed as kolm_indexed
-from kolm.data.indexed import open_tokens, read_index, write_index
+from kolm.data.indexed import write_index
 from kolm.data.manifest import load_shard_dir
-from kolm.data.tokenizer import train_tokenizer
 
 # Small chunks, shards and units so that chunking, rollover and unit boundaries all happen.
 SMALL = ("--chunk-docs", "64", "--max-shard-tokens", "5000", "--unit-bytes", "40000")
-
-
-# --------------------------------------------------------------------------- running kolm
-
-
-def clean_env(**extra: str) -> dict:
-    """The environment for a `kolm` child: no Slurm array variables unless a test sets them."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_ARRAY_")}
-    return {**env, **extra}
-
-
-def kolm(*args, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
-    return run_kolm(*args, check=check, env=env or clean_env())
-
-
-def shard_args(inputs, tokenizer, out, *options) -> list[str]:
-    inputs = [inputs] if isinstance(inputs, (str, Path)) else inputs
-    return ["shard", "--input", *inputs, "--tokenizer", tokenizer, "--out", out, "--no-progress", *options]
-
-
-def shard(inputs, tokenizer, out, *options, check: bool = True, env: dict | None = None):
-    """`kolm shard` in a subprocess; by default it must succeed."""
-    return kolm(*shard_args(inputs, tokenizer, out, *options), check=check, env=env)
-
-
-def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    """A user-facing error: exit status 2, `kolm: error:` and every needle in the message."""
-    assert proc.returncode == 2, f"expected exit 2, got {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
-    assert "kolm: error:" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
-    for needle in needles:
-        assert needle in proc.stderr, f"{needle!r} not in:\n{proc.stderr}"
-
-
-# --------------------------------------------------------------------------- writing corpora
-
-
-def write_lines(path: Path, lines: list[str]) -> Path:
-    """Lines joined by `\\n` as UTF-8, gzip-compressed when the name ends in .gz."""
-    data = "".join(f"{line}\n" for line in lines).encode("utf-8")
-    path.write_bytes(gzip.compress(data, mtime=0) if path.name.endswith(".gz") else data)
-    return path
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    return write_lines(path, [json.dumps(r, ensure_ascii=i % 2 == 0) for i, r in enumerate(records)])
-
-
-def write_parquet(path: Path, columns: dict[str, list]) -> Path:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    pq.write_table(pa.table(columns), path, row_group_size=100)
-    return path
-
-
-def variants(lines: list[str], copies: int, tag: str) -> list[str]:
-    """``copies`` distinct variations of every line (distinct texts hash to different splits)."""
-    return [f"{line} ({tag}{c}-{i})" for c in range(copies) for i, line in enumerate(lines)]
-
-
-def write_corpus(directory: Path, lines: list[str], files: int, copies: int) -> Path:
-    """A directory of ``files`` plain-text files, each holding ``copies`` variations of ``lines``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for f in range(files):
-        write_lines(directory / f"part{f}.txt", variants(lines, copies, f"f{f}r"))
-    return directory
-
-
-def normalized(lines: list[str]) -> list[str]:
-    """What a document should decode to: NFC, stripped, empty ones dropped."""
-    texts = (unicodedata.normalize("NFC", line).strip() for line in lines)
-    return [t for t in texts if t]
-
-
-# --------------------------------------------------------------------------- reading shards
-
-
-def shard_documents(prefix: Path) -> list[np.ndarray]:
-    """The documents of one `.bin`/`.idx` pair, via kolm's reader."""
-    index = read_index(f"{prefix}.idx")
-    tokens = open_tokens(f"{prefix}.bin", index.dtype)
-    ends = np.cumsum(index.sizes, dtype=np.int64)
-    return [np.array(tokens[start:end]) for start, end in zip(ends - index.sizes, ends)]
-
-
-def documents(out: Path) -> list[np.ndarray]:
-    """Every document of every shard (train then valid), each checked to end with EOS."""
-    sd = load_shard_dir(out)
-    docs = []
-    for entry in sd.manifest["shards"]:
-        for doc in shard_documents(sd.shard_path(entry, "")):
-            assert len(doc) and doc[-1] == sd.tokenizer["eos_id"], f"{entry['path']}: a document lacks EOS"
-            docs.append(doc)
-    return docs
-
-
-@lru_cache(maxsize=4)
-def hf_tokenizer(tokenizer_dir: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tokenizer_dir)
-
-
-def decoded(out: Path, tokenizer_dir: Path) -> list[str]:
-    """The text of every document, decoded with Hugging Face's tokenizer, EOS left out."""
-    tok = hf_tokenizer(str(tokenizer_dir))
-    return tok.batch_decode([doc[:-1].tolist() for doc in documents(out)])
-
-
-def assert_same_documents(got: list[str], expected: list[str]) -> None:
-    """Equal as multisets (the train/valid split reorders documents)."""
-    missing, extra = Counter(expected) - Counter(got), Counter(got) - Counter(expected)
-
-    def sample(c: Counter) -> list[str]:
-        return [t[:80] for t in list(c)[:3]]
-
-    assert not missing and not extra, (
-        f"{sum(missing.values())} documents missing, e.g. {sample(missing)}; "
-        f"{sum(extra.values())} unexpected, e.g. {sample(extra)}"
-    )
-
-
-def manifest(out: Path) -> dict:
-    return json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-
-
-def tree_digest(root: Path, include_work: bool = False) -> dict[str, str]:
-    """sha256 of every file under ``root`` by relative path (without `.work/` by default)."""
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and (include_work or p.relative_to(root).parts[0] != ".work")
-    }
-
-
-def assert_same_output(a: Path, b: Path) -> None:
-    """Two shard directories hold byte-identical datasets (the `.work/` scratch aside)."""
-    assert (a / "manifest.json").read_bytes() == (b / "manifest.json").read_bytes()
-    da, db = tree_digest(a), tree_digest(b)
-    assert da.keys() == db.keys()
-    assert [k for k in da if da[k] != db[k]] == []
-
-
-def leftovers(root: Path) -> list[str]:
-    """Scratch files a finished run must not leave: shards in progress anywhere, temporary
-    files beside the dataset (a killed journal write may leave one inside `.work/`)."""
-    return [
-        str(p.relative_to(root))
-        for p in root.rglob("*")
-        if p.name.endswith(".partial") or (".tmp-" in p.name and p.relative_to(root).parts[0] != ".work")
-    ]
-
-
-def units_done(out: Path) -> int:
-    return len(list((out / ".work").glob("unit-*.done.json")))
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -235,6 +93,7 @@ def mixed_inputs(d: Path, lines: list[str], field: str) -> list[Path]:
     ]
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("field", ["text", "body"])
 def test_shards_decode_to_the_normalized_input(tmp_path, korean_lines, tokenizer_dir, field):
     inputs = mixed_inputs(tmp_path, korean_lines, field)
@@ -258,6 +117,7 @@ def test_shards_decode_to_the_normalized_input(tmp_path, korean_lines, tokenizer
 # --------------------------------------------------------------------------- 2. workers
 
 
+@pytest.mark.cli
 def test_output_is_identical_for_one_and_two_workers(tmp_path, korean_corpus, tokenizer_dir):
     outs = {}
     for workers in (1, 2):
@@ -287,7 +147,22 @@ def kill_at_random(cmd: list[str], delays: list[float], logs: Path) -> list[bool
     return killed
 
 
-@pytest.mark.slow
+def kill_once_under_way(cmd: list[str], out: Path, logs: Path) -> None:
+    """Start ``cmd`` and SIGKILL it once its journal shows work in progress: frozen first (SIGSTOP),
+    so that however fast this machine is, the kill lands before the run can finish."""
+    with open(logs / "attempt-first.log", "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=clean_env())
+        deadline = time.monotonic() + 300
+        while not list((out / ".work").glob("unit-*.json")):
+            assert proc.poll() is None and time.monotonic() < deadline, (logs / "attempt-first.log").read_text()
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGSTOP)
+        assert not (out / "manifest.json").exists(), "the run finished before it could be stopped"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.cli
 def test_killed_runs_resume_to_byte_identical_output(tmp_path, korean_lines, tokenizer_dir):
     corpus = write_corpus(tmp_path / "corpus", korean_lines, files=3, copies=2)
     options = ["--valid-fraction", "0.05", "--chunk-docs", "128", "--max-shard-tokens", "20000",
@@ -303,9 +178,9 @@ def test_killed_runs_resume_to_byte_identical_output(tmp_path, korean_lines, tok
     rng = random.Random(seed)
     delays = [rng.uniform(0.1, 0.8) * full_run for _ in range(4)]
     cmd = [sys.executable, "-m", "kolm", *map(str, shard_args(corpus, tokenizer_dir, out, *options))]
+    kill_once_under_way(cmd, out, tmp_path)  # the first attempt is cut short by construction
     killed = kill_at_random(cmd, delays, tmp_path)
     context = f"seed {seed}, delays {delays}, killed {killed}"
-    assert killed[0], f"the first run should have been cut short ({context})"
 
     final = shard(corpus, tokenizer_dir, out, *options)
     said = final.stderr + "".join(p.read_text(errors="replace") for p in tmp_path.glob("attempt*.log"))
@@ -334,31 +209,32 @@ def assert_reported(proc: subprocess.CompletedProcess, *needles: str) -> None:
     assert any(all(n in line for n in needles) for line in bad), f"no BAD line with {needles}:\n{proc.stderr}"
 
 
+@pytest.mark.cli
 def test_verify_passes_on_good_shards(small_shards, tokenizer_dir):
     proc = verify(small_shards, "--tokenizer", tokenizer_dir)
     assert proc.returncode == 0 and proc.stdout.startswith("OK "), proc.stderr
 
 
+@pytest.mark.cli
 def test_verify_catches_a_flipped_byte(damaged):
     target = damaged / "train" / "000001-0000.bin"
     flip_byte(target, target.stat().st_size // 2)
     assert_reported(verify(damaged), str(target), "sha256")
 
 
+@pytest.mark.cli
 def test_verify_catches_a_truncated_bin(damaged):
     target = damaged / "valid" / "000000-0000.bin"
     os.truncate(target, target.stat().st_size - 2)
     assert_reported(verify(damaged), str(target), "truncated")
 
 
-def test_verify_reports_a_different_tokenizer(tmp_path, small_shards):
-    from kolm.data.corpus import bundled_corpus_files
-
-    other = tmp_path / "other-tok"
-    train_tokenizer(bundled_corpus_files(), other, vocab_size=1000, progress=False)
-    assert_reported(verify(small_shards, "--tokenizer", other), "does not match the tokenizer", "vocab_size")
+@pytest.mark.cli
+def test_verify_reports_a_different_tokenizer(small_shards, other_tokenizer):
+    assert_reported(verify(small_shards, "--tokenizer", other_tokenizer), "does not match the tokenizer", "vocab_size")
 
 
+@pytest.mark.cli
 def test_progress_bar_shows_documents_and_tokens_per_second(tmp_path, korean_corpus, tokenizer_dir):
     proc = kolm("shard", "--input", korean_corpus, "--tokenizer", tokenizer_dir, "--out", tmp_path / "out",
                 "--workers", "1", check=True)
@@ -366,6 +242,7 @@ def test_progress_bar_shows_documents_and_tokens_per_second(tmp_path, korean_cor
     assert any(re.search(r"tok/s, docs=[\d,]+, docs_s=[\d,]+", line) for line in bar), proc.stderr[-2000:]
 
 
+@pytest.mark.cli
 def test_stats_prints_each_split_as_the_manifest_counts_it(small_shards):
     proc = kolm("shard", "stats", small_shards, check=True)
     splits = manifest(small_shards)["splits"]
@@ -398,7 +275,7 @@ def assert_megatron_reads(megatron, prefix: Path, docs: list[np.ndarray], dtype:
         assert ds[i].dtype == dtype
 
 
-@pytest.mark.slow
+@pytest.mark.cli
 def test_megatron_reads_uint16_shards(megatron, small_shards):
     sd = load_shard_dir(small_shards)
     assert sd.dtype == np.uint16
@@ -407,7 +284,7 @@ def test_megatron_reads_uint16_shards(megatron, small_shards):
         assert_megatron_reads(megatron, prefix, shard_documents(prefix), np.uint16)
 
 
-@pytest.mark.slow
+@pytest.mark.unit
 def test_megatron_reads_an_int32_index_written_by_kolm(megatron, tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     docs = [rng.integers(0, 100_000, size=n, dtype=np.int32) for n in rng.integers(1, 50, size=300)]
@@ -434,6 +311,7 @@ def test_megatron_reads_an_int32_index_written_by_kolm(megatron, tmp_path, monke
 # --------------------------------------------------------------------------- 7. array tasks
 
 
+@pytest.mark.cli
 def test_array_tasks_build_the_same_dataset_as_one_task(tmp_path, korean_corpus, tokenizer_dir, small_shards):
     out = tmp_path / "tasks"
     first = shard(korean_corpus, tokenizer_dir, out, "--valid-fraction", "0.1", *SMALL, "--num-tasks", "2",
@@ -449,6 +327,7 @@ def test_array_tasks_build_the_same_dataset_as_one_task(tmp_path, korean_corpus,
     assert_same_output(small_shards, out)
 
 
+@pytest.mark.cli
 def test_slurm_array_variables_choose_the_task(tmp_path, korean_corpus, tokenizer_dir, small_shards):
     out = tmp_path / "slurm"
     for task_id in ("1", "2"):  # as under `sbatch --array=1-2`
@@ -478,6 +357,7 @@ def peak_rss_kib(*args) -> int:
     return int(proc.stdout)
 
 
+@pytest.mark.cli
 def test_memory_stays_flat_as_the_corpus_grows(tmp_path, korean_lines, tokenizer_dir):
     options = ["--workers", "2", "--chunk-docs", "256", "--max-shard-tokens", "200000", "--unit-bytes", "1M"]
     peaks = {}

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_shard import (
+from helpers.shard import (
     assert_same_documents,
     assert_user_error,
     clean_env,
@@ -25,9 +25,9 @@ from test_shard import (
     write_lines,
 )
 
-from kolm.data.corpus import bundled_corpus_files
-from kolm.data.tokenizer import load_tokenizer_info, train_tokenizer
+from kolm.data.tokenizer import load_tokenizer_info
 
+pytestmark = pytest.mark.cli
 OPTIONS = ("--valid-fraction", "0.1", "--workers", "1")
 
 
@@ -42,13 +42,6 @@ def finished(tmp_path_factory, korean_corpus, tokenizer_dir) -> Path:
 def existing(tmp_path, finished) -> Path:
     """A private copy of a finished dataset sitting in the --out directory of a test."""
     return Path(shutil.copytree(finished, tmp_path / "existing"))
-
-
-@pytest.fixture(scope="module")
-def other_tokenizer(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("other-tok") / "tokenizer"
-    train_tokenizer(bundled_corpus_files(), out, vocab_size=1000, progress=False)
-    return out
 
 
 def shard_bytes(tmp_path: Path, tokenizer_dir: Path, raw_lines: list[bytes], *options: str):

@@ -5,25 +5,43 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from dist import train_records, train_to_end, write_recipe
-from slurm_cluster import REPO, finished, job, restarted, sbatch, scontrol, start_cluster, wait_job
+from helpers.dist import train_records, train_to_end, wait_for, write_recipe
+from helpers.slurm_cluster import (
+    CLUSTER,
+    REPO,
+    finished,
+    job,
+    job_processes,
+    pending,
+    restarted,
+    sbatch,
+    scontrol,
+    signal_all,
+    start_cluster,
+    time_limit_due,
+    wait_job,
+)
 
 from kolm.train.checkpoint import complete_checkpoints
 
 pytestmark = [
-    pytest.mark.slow,
+    pytest.mark.slurm,
     pytest.mark.skipif(os.geteuid() != 0, reason="the local Slurm cluster needs root (tools/local-slurm.sh)"),
 ]
 
-# Long enough that a job started with --time=2 and a 100 s warning is still training when the
-# warning comes (Slurm checks time limits every 30 s, so it arrives 0-30 s after the start).
 SLURM_RUN = {"train_steps": 90, "save_every": 10, "eval_every": 45, "log_every": 5}
+# The time-limit tests do not race the clock: once training has logged a step its processes are
+# frozen (SIGSTOP), the job's limit is moved so that Slurm's warning (WARNING_S before it) is due,
+# and they go on only once the warning has been sent; on any machine, fast or loaded, the warning
+# meets a run in progress, with WARNING_S left to checkpoint.
+WARNING_S = 150
 CPU_TASKS = ["--gpus-per-node=0", "--ntasks-per-node=1", "--cpus-per-task=1"]
 
 
@@ -60,24 +78,42 @@ def _extend_time_limit_after_first_requeue(env: dict, job_id: str, log: Path) ->
 
 def test_local_cluster_start_is_idempotent(cluster):
     proc = subprocess.run([str(REPO / "tools/local-slurm.sh"), "start", "--nodes", "2"], capture_output=True,
-                          text=True)
+                          text=True, env={**os.environ, **CLUSTER})
     assert proc.returncode == 0 and "already running" in proc.stderr
     nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], env=cluster, capture_output=True, text=True).stdout
     states = dict(line.split() for line in nodes.splitlines())
-    assert set(states) == {"kolm-n1", "kolm-n2"} and set(states.values()) <= {"idle", "mix", "alloc"}, nodes
+    assert set(states) == {"kolm-t1", "kolm-t2"} and set(states.values()) <= {"idle", "mix", "alloc"}, nodes
+
+
+def _freeze_until_warned(env: dict, job_id: str, run_dir: Path, marker: bytes, warned, log: Path) -> None:
+    """Freeze the job's training processes after its first logged step, bring its time limit near,
+    and let them go once ``warned(pids)`` says Slurm's warning has been sent."""
+    wait_for(lambda: bool(train_records(run_dir)), 300, "the first step")
+    pids = job_processes(job_id, marker)
+    assert len(pids) == 2, (pids, log.read_text(errors="replace")[-2000:] if log.exists() else "")
+    signal_all(pids, signal.SIGSTOP)
+    try:
+        time_limit_due(env, job_id, WARNING_S)
+        wait_for(lambda: warned(pids), 180, "Slurm's time-limit warning")
+    finally:
+        signal_all(pids, signal.SIGCONT)
 
 
 def test_sbatch_requeues_at_time_limit_and_resumes_to_the_same_result(tmp_path, cluster, shards, tokenizer_dir,
                                                                      reference):
     recipe = write_recipe(tmp_path / "recipe.yaml", shards, tokenizer_dir, tmp_path / "run", **SLURM_RUN)
-    job_id = sbatch(cluster, "--nodes=2", *CPU_TASKS, "--time=2", "--signal=B:USR1@100",
+    job_id = sbatch(cluster, "--nodes=2", *CPU_TASKS, "--time=15", f"--signal=B:USR1@{WARNING_S}",
                     REPO / "slurm/pretrain.sbatch", recipe, cwd=tmp_path)
     log = tmp_path / f"kolm-pretrain-{job_id}.out"
+    _freeze_until_warned(cluster, job_id, tmp_path / "run", b"kolm\0train", lambda _: "time limit near" in
+                         log.read_text(errors="replace"), log)
     _extend_time_limit_after_first_requeue(cluster, job_id, log)
     info = wait_job(cluster, job_id, finished, 600, "finish", log)
     text = log.read_text(errors="replace")
     assert info["JobState"] == "COMPLETED", text[-4000:]
     assert "time limit near" in text and f"requeueing job {job_id}" in text
+    # Every rank left cleanly with 75, none killed by srun --kill-on-bad-exit while closing down.
+    assert "kolm: task 0 on" in text and "kolm: task 1 on" in text and text.count("exit 75 (checkpoint written") == 2
     assert "resuming from global_step" in text
     assert "srun" not in text.split("kolm: job", 1)[0]  # nothing failed before the first start
     _assert_same_run(tmp_path / "run", reference)
@@ -88,10 +124,10 @@ def test_preemption_by_scontrol_requeue_is_survived(tmp_path, cluster, shards, t
     job_id = sbatch(cluster, "--nodes=2", *CPU_TASKS, "--time=15", REPO / "slurm/pretrain.sbatch", recipe,
                     cwd=tmp_path)
     log = tmp_path / f"kolm-pretrain-{job_id}.out"
-    deadline = time.monotonic() + 300
-    while not complete_checkpoints(tmp_path / "run" / "checkpoints"):
-        assert time.monotonic() < deadline and not finished(job(cluster, job_id)), log.read_text()[-3000:]
-        time.sleep(0.5)
+    wait_for(lambda: complete_checkpoints(tmp_path / "run" / "checkpoints") or finished(job(cluster, job_id)), 300,
+             "the first checkpoint")
+    trainers = job_processes(job_id, b"kolm\0train")
+    signal_all(trainers, signal.SIGSTOP)  # still running when the preemption comes, however fast the machine
     scontrol(cluster, "requeue", job_id)
     info = wait_job(cluster, job_id, finished, 600, "finish after the preemption", log)
     text = log.read_text(errors="replace")
@@ -131,12 +167,15 @@ def test_submitit_launcher_runs_two_nodes_across_a_timeout(tmp_path, cluster, sh
     probe, probe_log = container_probe(tmp_path)
     proc = subprocess.run(
         [sys.executable, "-m", "launch.submit", "--config", str(recipe), "--nodes", "2", "--gpus-per-node", "0",
-         "--cpus-per-task", "1", "--time", "2", "--signal-delay", "100", "--log-dir", str(logs)],
+         "--cpus-per-task", "1", "--time", "15", "--signal-delay", str(WARNING_S), "--log-dir", str(logs)],
         env={**cluster, "KOLM_CONTAINER": str(probe)}, cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     job_id = proc.stdout.split()[2]
     assert f"tail -f {logs}/{job_id}/{job_id}_0_log.err" in proc.stdout
     log = logs / job_id / f"{job_id}_0_log.err"
+    # submitit's warning (USR2) goes to the tasks themselves: frozen, they hold it pending.
+    _freeze_until_warned(cluster, job_id, tmp_path / "run", b"submitit.core._submit",
+                         lambda pids: all(pending(pid, signal.SIGUSR2) for pid in pids), log)
     _extend_time_limit_after_first_requeue(cluster, job_id, log)
     info = wait_job(cluster, job_id, finished, 600, "finish", log)
     text = log.read_text(errors="replace")

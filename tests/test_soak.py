@@ -7,13 +7,13 @@ import os
 
 import pytest
 import torch
-from dist import run_ranks, train_records, write_recipe
-from soak import STRATEGIES, soak
+from helpers.dist import run_ranks, train_records, write_recipe
+from helpers.soak import STRATEGIES, soak
 
 from kolm.export.convert import consolidated_state_dict
 from kolm.train.checkpoint import complete_checkpoints
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.soak
 
 SOAK_RUN = {"train_steps": 60, "save_every": 4, "eval_every": 20, "keep_checkpoints": 2}
 KILLS = 8

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import unicodedata
 
-from conftest import run_kolm
+import pytest
+from helpers.cli import run_kolm
 
 EOS = "<|endoftext|>"
 
 
+@pytest.mark.cli
 def test_cli_trains_loadable_tokenizer_and_reports_compression(tmp_path, korean_corpus, monkeypatch):
     out = tmp_path / "tok"
     proc = run_kolm("tokenizer", "train", "--input", korean_corpus, "--vocab-size", 1500, "--out", out, check=True)
@@ -28,6 +30,7 @@ def test_cli_trains_loadable_tokenizer_and_reports_compression(tmp_path, korean_
     assert tok.convert_ids_to_tokens(tok.eos_token_id) == EOS
 
 
+@pytest.mark.unit
 def test_decomposed_hangul_is_normalized_to_composed(tokenizer_dir):
     from transformers import AutoTokenizer
 
@@ -38,6 +41,7 @@ def test_decomposed_hangul_is_normalized_to_composed(tokenizer_dir):
     assert tok(decomposed)["input_ids"] == tok(composed)["input_ids"]
 
 
+@pytest.mark.cli
 def test_existing_output_is_not_overwritten_without_force(tmp_path, korean_corpus):
     out = tmp_path / "tok"
     out.mkdir()
@@ -50,6 +54,7 @@ def test_existing_output_is_not_overwritten_without_force(tmp_path, korean_corpu
     assert (out / "tokenizer.json").is_file() and not keep.exists()
 
 
+@pytest.mark.cli
 def test_bad_arguments_are_clear_errors(tmp_path, korean_corpus):
     small = run_kolm("tokenizer", "train", "--input", korean_corpus, "--vocab-size", 100, "--out", tmp_path / "a")
     assert small.returncode == 2 and "at least 512" in small.stderr

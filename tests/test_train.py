@@ -10,40 +10,37 @@ import subprocess
 import sys
 
 import pytest
-from conftest import run_kolm
-from dist import Ranks, run_ranks, train_records, train_to_end, wait_for, write_recipe
+from helpers.cli import run_kolm
+from helpers.dist import Ranks, free_port, run_ranks, train_records, wait_for, write_recipe
 
 from kolm.train.checkpoint import MARKER, complete_checkpoints
 from kolm.train.signals import EXIT_REQUEUE
 
-pytestmark = pytest.mark.slow
 
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, shards, tokenizer_dir):
-    """An uninterrupted 12-step ZeRO-2 run on 2 ranks: the baseline for the resume tests."""
-    root = tmp_path_factory.mktemp("reference")
-    train_to_end(root, shards, tokenizer_dir)
-    return root / "run"
+@pytest.fixture
+def reference(reference_run):
+    """The uninterrupted 12-step ZeRO-2 run on 2 ranks (conftest): the baseline for the resume tests."""
+    return reference_run[0]
 
 
 def _losses(run_dir):
     return [(r["step"], r["consumed_samples"], r["loss"]) for r in train_records(run_dir)]
 
 
-LAUNCHERS = {
-    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m"],
-    "deepspeed": [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29731",
-                  "--module"],
-}
+def _launcher(name: str) -> list[str]:
+    if name == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m"]
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+            "--module"]
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize(("stage", "launcher"), [(1, "torchrun"), (2, "deepspeed"), (3, "torchrun")])
 def test_zero_stage_trains_under_a_launcher_and_loss_falls(tmp_path, shards, tokenizer_dir, stage, launcher):
     run_dir = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", shards, tokenizer_dir, run_dir, zero_stage=stage,
                           tensorboard=True, log_every=4)
-    cmd = [*LAUNCHERS[launcher], "kolm", "train", "--config", str(recipe)]
+    cmd = [*_launcher(launcher), "kolm", "train", "--config", str(recipe)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"},
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -62,6 +59,7 @@ def test_zero_stage_trains_under_a_launcher_and_loss_falls(tmp_path, shards, tok
     assert any((run_dir / "tensorboard").iterdir())
 
 
+@pytest.mark.dist
 def test_resume_after_sigkill_matches_uninterrupted_run_bitwise(tmp_path, shards, tokenizer_dir, reference):
     run_dir = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", shards, tokenizer_dir, run_dir)
@@ -77,6 +75,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run_bitwise(tmp_path, shards
     assert _losses(run_dir) == _losses(reference)
 
 
+@pytest.mark.dist
 def test_resume_on_one_rank_after_two(tmp_path, shards, tokenizer_dir, reference):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
@@ -95,6 +94,7 @@ def test_resume_on_one_rank_after_two(tmp_path, shards, tokenizer_dir, reference
         assert a == pytest.approx(b, rel=2e-2)
 
 
+@pytest.mark.dist
 def test_plain_kolm_train_without_a_launcher_is_one_rank(tmp_path, shards, tokenizer_dir):
     run_dir = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", shards, tokenizer_dir, run_dir, train_steps=3)
@@ -107,6 +107,7 @@ def test_plain_kolm_train_without_a_launcher_is_one_rank(tmp_path, shards, token
     assert (run_dir / "checkpoints" / "latest").read_text() == "global_step3"
 
 
+@pytest.mark.dist
 def test_signal_to_one_rank_checkpoints_all_and_exits_for_requeue(tmp_path, shards, tokenizer_dir):
     run_dir = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", shards, tokenizer_dir, run_dir, train_steps=10, save_every=100,
@@ -123,6 +124,7 @@ def test_signal_to_one_rank_checkpoints_all_and_exits_for_requeue(tmp_path, shar
     assert [r["step"] for r in train_records(run_dir)] == list(range(1, 11))
 
 
+@pytest.mark.dist
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, shards, tokenizer_dir):
     run_dir = tmp_path / "run"
     # An absurd learning rate blows the weights up after the first update: every later loss
@@ -135,6 +137,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, shards, tokeni
     assert train_records(run_dir)[-1]["skipped_steps"] == 3
 
 
+@pytest.mark.dist
 def test_resume_on_different_data_is_refused_unless_overridden(tmp_path, shards, tokenizer_dir, reference):
     run_dir = tmp_path / "run"
     shutil.copytree(reference / "checkpoints" / "global_step12", run_dir / "checkpoints" / "global_step12")
@@ -150,7 +153,9 @@ def _check(recipe, *overrides, env=None):
                           capture_output=True, text=True, env={**os.environ, **(env or {})})
 
 
-def test_check_catches_layout_and_data_errors_before_any_process_group(tmp_path, shards, tokenizer_dir):
+@pytest.mark.cli
+def test_check_catches_layout_and_data_errors_before_any_process_group(tmp_path, shards, tokenizer_dir,
+                                                                       other_tokenizer):
     recipe = write_recipe(tmp_path / "r.yaml", shards, tokenizer_dir, tmp_path / "run")
     ok = _check(recipe)
     assert ok.returncode == 0 and "gradient accumulation 4 on 1 ranks" in ok.stdout
@@ -161,12 +166,6 @@ def test_check_catches_layout_and_data_errors_before_any_process_group(tmp_path,
     assert long.returncode == 2 and "exceeds model phi-tiny's max_position_embeddings" in long.stderr
     missing = _check(recipe, f"data={tmp_path / 'nope'}")
     assert missing.returncode == 2 and "no such shard directory" in missing.stderr
-    other_tok = tmp_path / "tok2"
-    from conftest import korean_corpus_files
-
-    from kolm.data.tokenizer import train_tokenizer
-
-    train_tokenizer(korean_corpus_files(), other_tok, vocab_size=600, progress=False)
-    mismatch = _check(recipe, f"tokenizer={other_tok}")
+    mismatch = _check(recipe, f"tokenizer={other_tokenizer}")
     assert mismatch.returncode == 2 and "does not match the tokenizer of" in mismatch.stderr
     assert not (tmp_path / "run").exists()

@@ -9,11 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_kolm
+from helpers.cli import run_kolm
 
-from kolm.cli.demo import PROMPT
-
-pytestmark = pytest.mark.slow
+from kolm.export.generate import SEED_PROMPT as PROMPT
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +23,7 @@ def demo(tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.dist
 def test_demo_runs_every_stage_and_prints_korean_text(demo):
     out, proc = demo
     for stage in ("1/5 tokenizer", "2/5 shard", "3/5 train", "4/5 convert", "5/5 generate"):
@@ -44,6 +43,7 @@ def test_demo_runs_every_stage_and_prints_korean_text(demo):
                          proc.stdout, re.M)
 
 
+@pytest.mark.dist
 def test_demo_again_reuses_what_is_done(demo):
     out, first = demo
     proc = subprocess.run([sys.executable, "-m", "kolm", "demo", "--out", str(out), "--steps", "40",
@@ -55,6 +55,7 @@ def test_demo_again_reuses_what_is_done(demo):
     assert re.search(r"perplexity: .*", proc.stdout).group(0) == re.search(r"perplexity: .*", first.stdout).group(0)
 
 
+@pytest.mark.dist
 def test_demo_refuses_a_directory_made_from_another_corpus(demo, tmp_path):
     out, _ = demo
     own = tmp_path / "mine.txt"
@@ -68,6 +69,7 @@ def test_demo_refuses_a_directory_made_from_another_corpus(demo, tmp_path):
     assert proc.returncode == 2 and "made with steps=40" in proc.stderr
 
 
+@pytest.mark.dist
 def test_demo_on_the_users_own_corpus_gets_its_own_directory(tmp_path):
     from kolm.data.corpus import bundled_corpus_files
 
@@ -82,6 +84,7 @@ def test_demo_on_the_users_own_corpus_gets_its_own_directory(tmp_path):
     assert re.search(rf"^\s*model: {re.escape(str(out / 'model'))}$", proc.stdout, re.M)
 
 
+@pytest.mark.dist
 def test_report_plots_a_real_run(demo, tmp_path):
     out, _ = demo
     proc = run_kolm("report", out / "run", "--out", tmp_path / "report")
@@ -94,6 +97,7 @@ def test_report_plots_a_real_run(demo, tmp_path):
     assert (tmp_path / "report" / "summary.txt").read_text().strip() == proc.stdout.split("plots:")[0].strip()
 
 
+@pytest.mark.cli
 def test_report_of_a_directory_without_metrics_is_a_clear_error(tmp_path):
     proc = run_kolm("report", tmp_path)
     assert proc.returncode == 2 and "metrics.jsonl not found" in proc.stderr
@@ -103,6 +107,7 @@ def _ratios(text: str) -> dict[str, float]:
     return {kind: float(r) for kind, r in re.findall(r"(model states|activations):.*\(ratio ([\d.]+)\)", text)}
 
 
+@pytest.mark.dist
 def test_plan_estimate_matches_a_real_engine_on_cpu():
     # A different preset, vocabulary, seq_len and ZeRO stage than the ones the constants came from.
     proc = run_kolm("plan", "--model", "phi-40m", "--vocab-size", "8000", "--seq-len", "256", "--measure",
@@ -115,6 +120,7 @@ def test_plan_estimate_matches_a_real_engine_on_cpu():
     assert 0.9 <= ratios["activations"] <= 1.1, proc.stdout
 
 
+@pytest.mark.cli
 def test_plan_for_the_seed_setting_recommends_a_layout_and_a_time():
     proc = run_kolm("plan", "--model", "phi-1.5", "--nodes", "2", "--gpus-per-node", "8", "--gpu", "a100-40",
                     "--lines", "1e8", "--epochs", "2")
@@ -129,6 +135,7 @@ def test_plan_for_the_seed_setting_recommends_a_layout_and_a_time():
     assert max_mb["80"] > max_mb["40"] >= 1
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("args, message", [
     (["--global-batch", "100", "--nodes", "3"], "not divisible by 24 GPUs"),
     (["--mfu", "40"], "--mfu is a fraction"),

@@ -9,7 +9,9 @@
 #
 # Installs slurm-wlm and munge with apt (Debian/Ubuntu, as root) when they are missing. All of
 # its state (slurm.conf, spool, logs, pid files) lives under $KOLM_SLURM_DIR
-# (default /var/lib/kolm-slurm); it never touches /etc/slurm. It uses the machine's munge (and
+# (default /var/lib/kolm-slurm); it never touches /etc/slurm. Several clusters can run side by
+# side when each has its own KOLM_SLURM_DIR, KOLM_SLURM_PORT (controller; nodes take the next
+# hundred) and KOLM_SLURM_PREFIX (node names; default kolm-n): kolm's tests use their own. It uses the machine's munge (and
 # starts munged if it is not running), and adds one marked line to /etc/hosts so the node names
 # resolve to 127.0.0.1. Running `start` again on a running cluster with the same shape does nothing.
 set -euo pipefail
@@ -17,8 +19,8 @@ set -euo pipefail
 DIR=${KOLM_SLURM_DIR:-/var/lib/kolm-slurm}
 CONF=$DIR/slurm.conf
 CTLD_PORT=${KOLM_SLURM_PORT:-16817}
-NODE_PREFIX=kolm-n
-HOSTS_MARK="# kolm local slurm"
+NODE_PREFIX=${KOLM_SLURM_PREFIX:-kolm-n}
+HOSTS_MARK="# kolm local slurm $NODE_PREFIX"
 
 die() { echo "local-slurm: $*" >&2; exit 1; }
 say() { echo "local-slurm: $*" >&2; }
@@ -67,7 +69,7 @@ map_hosts() {
   local line="127.0.0.1 ${names% } $HOSTS_MARK"
   grep -qxF "$line" /etc/hosts && return
   local rest
-  rest=$(grep -vF "$HOSTS_MARK" /etc/hosts || true)
+  rest=$(grep -v " $HOSTS_MARK\$" /etc/hosts || true)
   printf '%s\n%s\n' "$rest" "$line" >/etc/hosts.kolm-new
   cat /etc/hosts.kolm-new >/etc/hosts   # in place: /etc/hosts is often a bind mount
   rm -f /etc/hosts.kolm-new
@@ -79,7 +81,7 @@ write_conf() {
   mkdir -p "$DIR/state" "$DIR/log" "$DIR/spool"
   {
     echo "# written by tools/local-slurm.sh: $nodes nodes on 127.0.0.1"
-    echo "ClusterName=kolm-local"
+    echo "ClusterName=${NODE_PREFIX//-/}"
     echo "SlurmctldHost=$host(127.0.0.1)"
     echo "SlurmctldPort=$CTLD_PORT"
     echo "SlurmUser=root"

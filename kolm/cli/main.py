@@ -8,11 +8,23 @@ stdout; messages go to stderr through kolm.log.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import sys
 import time
+from typing import TextIO
 
 from kolm.errors import KolmError
+
+# Where results go while a command runs: stdout as the command found it. During the command itself
+# sys.stdout points at stderr, so that nothing a library prints (DeepSpeed's logger binds stdout
+# when it is imported) can mix with the results.
+_results: list[TextIO] = []
+
+
+def emit(*parts: object) -> None:
+    """Print a command's result (on stdout)."""
+    print(*parts, file=_results[-1] if _results else sys.stdout, flush=True)
 
 
 def _size(text: str) -> int:
@@ -53,7 +65,7 @@ def _add_tokenizer(sub) -> None:
 def _tokenizer_train(args: argparse.Namespace) -> int:
     from kolm.data.tokenizer import train_tokenizer
 
-    print(train_tokenizer(args.input, args.out, args.vocab_size, min_frequency=args.min_frequency,
+    emit(train_tokenizer(args.input, args.out, args.vocab_size, min_frequency=args.min_frequency,
                           text_field=args.text_field, skip_malformed=args.skip_malformed,
                           max_documents=args.max_documents, force=args.force, progress=sys.stderr.isatty()))
     return 0
@@ -113,7 +125,7 @@ def _shard(args: argparse.Namespace) -> int:
         overwrite=args.overwrite, progress=not args.no_progress, checkpoint_seconds=args.checkpoint_seconds,
     )
     if manifest is not None:
-        print(ShardSummary(args.out, manifest, time.perf_counter() - start))
+        emit(ShardSummary(args.out, manifest, time.perf_counter() - start))
     return 0
 
 
@@ -128,14 +140,14 @@ def _shard_verify(args: argparse.Namespace) -> int:
             print(f"BAD {p}", file=sys.stderr)
         raise KolmError(f"{len(problems)} problems in {args.dir}; re-run `kolm shard --overwrite` to rebuild the "
                         "damaged shards", exit_code=1)
-    print(f"OK {args.dir}: {len(manifest.load_shard_dir(args.dir).manifest['shards'])} shards verified")
+    emit(f"OK {args.dir}: {len(manifest.load_shard_dir(args.dir).manifest['shards'])} shards verified")
     return 0
 
 
 def _shard_stats(args: argparse.Namespace) -> int:
     from kolm.data.manifest import stats_table
 
-    print(stats_table(args.dir))
+    emit(stats_table(args.dir))
     return 0
 
 
@@ -143,7 +155,7 @@ def _shard_merge(args: argparse.Namespace) -> int:
     from kolm.data.manifest import ShardSummary
     from kolm.data.shard import finalize
 
-    print(ShardSummary(args.dir, finalize(args.dir)))
+    emit(ShardSummary(args.dir, finalize(args.dir)))
     return 0
 
 
@@ -168,7 +180,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.check:
         from kolm.train.setup import prepare
 
-        print(f"config OK: {prepare(cfg).describe()}")
+        emit(f"config OK: {prepare(cfg).describe()}")
         return 0
     from kolm.train.loop import train
 
@@ -194,7 +206,7 @@ def _add_convert(sub) -> None:
 def _convert(args: argparse.Namespace) -> int:
     from kolm.export.convert import convert
 
-    print(convert(args.src, args.out, tag=args.tag, best=args.best, dtype=args.dtype, tokenizer=args.tokenizer,
+    emit(convert(args.src, args.out, tag=args.tag, best=args.best, dtype=args.dtype, tokenizer=args.tokenizer,
                   force=args.force, max_shard_size=args.max_shard_size))
     return 0
 
@@ -222,8 +234,8 @@ def _generate(args: argparse.Namespace) -> int:
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
                                   do_sample=not args.greedy, temperature=args.temperature, top_p=args.top_p)
     for text in generate(args.model, load_prompts(args.prompts, args.prompts_file), settings, args.seed):
-        print(text)
-        print("---")
+        emit(text)
+        emit("---")
     return 0
 
 
@@ -242,7 +254,7 @@ def _add_eval(sub) -> None:
 def _eval(args: argparse.Namespace) -> int:
     from kolm.export.evaluate import evaluate_model
 
-    print(evaluate_model(args.model, args.data, args.split, args.seq_len, args.micro_batch, args.max_samples,
+    emit(evaluate_model(args.model, args.data, args.split, args.seq_len, args.micro_batch, args.max_samples,
                          args.tag))
     return 0
 
@@ -261,8 +273,8 @@ def _report(args: argparse.Namespace) -> int:
     from kolm.cli.report import write_report
 
     text, paths = write_report(args.run_dir, args.out)
-    print(text)
-    print("plots: " + ", ".join(map(str, paths)))
+    emit(text)
+    emit("plots: " + ", ".join(map(str, paths)))
     return 0
 
 
@@ -305,10 +317,10 @@ def _plan(args: argparse.Namespace) -> int:
 
         if args.micro_batch < 1:
             raise KolmError(f"--micro-batch must be at least 1, got {args.micro_batch}")
-        print(format_measurement(MeasureRequest(req.model, req.vocab, req.seq_len, args.micro_batch,
+        emit(format_measurement(MeasureRequest(req.model, req.vocab, req.seq_len, args.micro_batch,
                                                 args.zero_stage, args.activation_checkpointing)))
         return 0
-    print(format_plan(req))
+    emit(format_plan(req))
     return 0
 
 
@@ -329,7 +341,7 @@ def _add_demo(sub) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from kolm.cli.demo import DemoOptions, run_demo
 
-    print(run_demo(DemoOptions(args.out, args.corpus, args.vocab_size, args.steps, args.max_new_tokens)))
+    emit(run_demo(DemoOptions(args.out, args.corpus, args.vocab_size, args.steps, args.max_new_tokens)))
     return 0
 
 
@@ -351,8 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    _results.append(sys.stdout)
     try:
-        return args.func(args)
+        with contextlib.redirect_stdout(sys.stderr):
+            return args.func(args)
     except KolmError as e:
         print(f"kolm: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -365,3 +379,5 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kolm: interrupted; re-run the same command to continue", file=sys.stderr)
         return 130
+    finally:
+        _results.pop()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -121,27 +121,7 @@ class PackedDataset:
     def rank_batches(
         self, consumed_samples: int, global_batch: int, micro_batch: int, dp_rank: int, dp_world: int
     ) -> Iterator[np.ndarray]:
-        """Micro-batches for one data-parallel rank, from ``consumed_samples`` on, forever.
-
-        Each global batch of ``global_batch`` samples is split into ``dp_world`` contiguous
-        slices; rank ``r`` takes slice ``r`` in micro-batches of ``micro_batch`` (its gradient
-        accumulation steps, in order).
-        """
-        check_batch_layout(global_batch, micro_batch, dp_world)
-        if not 0 <= dp_rank < dp_world:
-            raise KolmError(f"data-parallel rank {dp_rank} is outside [0, {dp_world})")
-        if consumed_samples % global_batch:
-            raise KolmError(
-                f"consumed_samples {consumed_samples} is not a multiple of the global batch {global_batch}: "
-                "a run can only resume on a step boundary with the same global batch"
-            )
-        per_rank = global_batch // dp_world
-        step = consumed_samples // global_batch
-        while True:
-            base = step * global_batch + dp_rank * per_rank
-            for a in range(per_rank // micro_batch):
-                yield self.samples(base + a * micro_batch, micro_batch)
-            step += 1
+        return rank_batches(self.samples, consumed_samples, global_batch, micro_batch, dp_rank, dp_world)
 
     def eval_batches(
         self, micro_batch: int, dp_rank: int, dp_world: int, max_samples: int | None = None
@@ -151,6 +131,32 @@ class PackedDataset:
         starts = range(dp_rank * micro_batch, n, dp_world * micro_batch)
         for s in starts:
             yield np.stack([self.window(i) for i in range(s, min(s + micro_batch, n))])
+
+
+def rank_batches(samples: Callable[[int, int], np.ndarray], consumed_samples: int, global_batch: int,
+                 micro_batch: int, dp_rank: int, dp_world: int) -> Iterator[np.ndarray]:
+    """Micro-batches of the global sample stream ``samples(start, count)`` for one data-parallel
+    rank, from ``consumed_samples`` on, forever.
+
+    Each global batch of ``global_batch`` samples is split into ``dp_world`` contiguous slices;
+    rank ``r`` takes slice ``r`` in micro-batches of ``micro_batch`` (its gradient accumulation
+    steps, in order).
+    """
+    check_batch_layout(global_batch, micro_batch, dp_world)
+    if not 0 <= dp_rank < dp_world:
+        raise KolmError(f"data-parallel rank {dp_rank} is outside [0, {dp_world})")
+    if consumed_samples % global_batch:
+        raise KolmError(
+            f"consumed_samples {consumed_samples} is not a multiple of the global batch {global_batch}: "
+            "a run can only resume on a step boundary with the same global batch"
+        )
+    per_rank = global_batch // dp_world
+    step = consumed_samples // global_batch
+    while True:
+        base = step * global_batch + dp_rank * per_rank
+        for a in range(per_rank // micro_batch):
+            yield samples(base + a * micro_batch, micro_batch)
+        step += 1
 
 
 def check_batch_layout(global_batch: int, micro_batch: int, dp_world: int) -> int:

@@ -124,7 +124,7 @@ def convert(src: str, out: str, tag: str | None = None, best: bool = False, dtyp
     if out_path.exists() and not force:
         raise KolmError(f"{out_path} already exists; choose another --out or pass --force to replace it")
     ckpt = resolve_checkpoint(src, tag, best)
-    config_dict = exported_config(ckpt)
+    config_dict = {**exported_config(ckpt), "kolm": training_settings(ckpt)}
     tok_dir = Path(tokenizer or ckpt.marker["tokenizer"])
     check_tokenizer_fits(tok_dir, config_dict)
     say(f"converting {ckpt.path} ({dtype})")
@@ -145,6 +145,13 @@ def convert(src: str, out: str, tag: str | None = None, best: bool = False, dtyp
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ConversionReport(str(ckpt.path), str(out_path), dtype, max_err)
+
+
+def training_settings(ckpt: checkpoint.Checkpoint) -> dict:
+    """How the model was trained, kept in config.json under "kolm" for the record (and for `kolm
+    eval`): settings that are not part of the architecture, so loading never depends on them."""
+    run = ckpt.marker.get("run_config", {})
+    return {"attn_implementation": run.get("attn_implementation", "sdpa"), "seq_len": ckpt.marker.get("seq_len")}
 
 
 def exported_config(ckpt: checkpoint.Checkpoint) -> dict:

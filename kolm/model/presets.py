@@ -115,7 +115,11 @@ def untie_padding(config_dict: dict) -> tuple[dict, bool]:
     return {**config_dict, "pad_token_id": None}, True
 
 
-def build_config(shape: PhiShape, vocab_size: int, bos_id: int, eos_id: int, max_positions: int):
+def build_config(shape: PhiShape, vocab_size: int, bos_id: int, eos_id: int, max_positions: int,
+                 attn_implementation: str = "sdpa"):
+    """A `PhiConfig` for training; the attention kernel is a runtime choice, not part of the model."""
     from transformers import PhiConfig
 
-    return PhiConfig(**phi_config_dict(shape, vocab_size, bos_id, eos_id, max_positions))
+    config = PhiConfig(**phi_config_dict(shape, vocab_size, bos_id, eos_id, max_positions))
+    config._attn_implementation = attn_implementation
+    return config

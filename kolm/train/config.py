@@ -14,6 +14,8 @@ import yaml
 
 from kolm.errors import KolmError
 
+ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
+
 
 @dataclass
 class RunConfig:
@@ -46,6 +48,9 @@ class RunConfig:
     deepspeed_config: str = ""  # a DeepSpeed JSON; "" = ds_configs/zero{stage}.json
     precision: str = "bf16"  # bf16 | fp32
     activation_checkpointing: bool = False
+    # --- kernels (same math, any may change between restarts)
+    attn_implementation: str = "sdpa"  # sdpa | flash_attention_2 (CUDA, flash-attn package) | eager
+    compile: bool = False  # torch.compile each decoder block (on CPU: fp32 only)
     # --- evaluation, logging, checkpoints
     eval_every: int = 10000
     eval_samples: int = 0  # windows of the validation split per evaluation; 0 = all
@@ -72,6 +77,9 @@ class RunConfig:
             raise KolmError(f"`zero_stage` must be 1, 2 or 3, got {self.zero_stage}")
         if self.precision not in ("bf16", "fp32"):
             raise KolmError(f"`precision` must be bf16 or fp32, got {self.precision!r}")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise KolmError(f"`attn_implementation` must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, "
+                            f"got {self.attn_implementation!r}")
         if not 0 <= self.min_lr <= self.lr:
             raise KolmError(f"`min_lr` {self.min_lr} must be in [0, lr={self.lr}]")
         if self.grad_spike_factor < 0:

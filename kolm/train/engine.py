@@ -35,15 +35,19 @@ def _share_cpu_threads(env: distenv.DistEnv) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
 
 
-def build_engine(model_config, ds_config: dict, seed: int, weight_decay: float, activation_checkpointing: bool):
+def build_engine(model_config, ds_config: dict, seed: int, weight_decay: float, activation_checkpointing: bool,
+                 compile: bool = False):
     """A fresh model (the same weights for a seed on every rank) inside a DeepSpeed engine."""
     import deepspeed
-    from transformers import PhiForCausalLM
+
+    from kolm.model.phi import PhiForTraining
 
     torch.manual_seed(seed)
-    model = PhiForCausalLM(model_config)
+    model = PhiForTraining(model_config)
     if activation_checkpointing:
         model.gradient_checkpointing_enable()
+    if compile:
+        compile_blocks(model)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay),
                                       config=ds_config)
     return engine
@@ -55,3 +59,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "layernorm" in name.lower() else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """torch.compile each decoder block's forward (regional compilation: one small graph, compiled
+    once and reused by every block, so start-up stays short). The module call around it, with
+    DeepSpeed's ZeRO-3 hooks that gather each block's parameters, stays eager."""
+    for layer in model.model.layers:
+        layer.forward = torch.compile(layer.forward, dynamic=False)

@@ -8,6 +8,10 @@ that machine, or on every node sharing that home directory, waits on it forever 
 kolm loads the ops itself before the process group exists, one process at a time, under an
 `flock` that the kernel drops when its holder dies. Inside it no other kolm process can be
 loading, so a torch lock file found there was left by a dead process and is removed.
+
+The ops are built in a cache of kolm's own (``$XDG_CACHE_HOME/kolm/torch_extensions/...``, set as
+TORCH_EXTENSIONS_DIR unless the user set one), so that clearing a stale lock can never touch a
+live build of another DeepSpeed program sharing torch's default cache.
 """
 
 from __future__ import annotations
@@ -27,13 +31,17 @@ GUARD_NAME = ".kolm-jit.lock"
 
 
 def extensions_root() -> Path:
-    """Where torch builds extensions: $TORCH_EXTENSIONS_DIR, else its per-user cache."""
+    """Where this process builds extensions: $TORCH_EXTENSIONS_DIR, which kolm sets to its own
+    cache unless the user chose one (per Python and accelerator build, as torch's own default)."""
     configured = os.environ.get("TORCH_EXTENSIONS_DIR")
     if configured:
         return Path(configured)
     from torch.utils.cpp_extension import get_default_build_root
 
-    return Path(get_default_build_root())
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    root = cache / "kolm" / "torch_extensions" / Path(get_default_build_root()).name
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(root)
+    return root
 
 
 @contextmanager
@@ -58,11 +66,11 @@ def load_start_up_ops() -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    root = extensions_root()  # also for the ops DeepSpeed builds later (fused Adam on GPUs)
     builders = [get_accelerator().create_op_builder(name) for name in START_UP_OPS]
     builders = [b for b in builders if b is not None and deepspeed.ops.__compatible_ops__.get(b.NAME, False)]
     if not builders:
         return
-    root = extensions_root()
     with exclusive(root):
         for baton in stale_batons(root):
             # Said by whichever rank gets here first, not only rank 0: it concerns this machine.

@@ -14,16 +14,18 @@ import torch
 
 from kolm.files import atomic_write_json
 from kolm.log import say
-from kolm.model.loss import EvalTotals, loss_sum, token_stats
+from kolm.model.loss import EvalTotals
 from kolm.train import checkpoint
 from kolm.train.config import RunConfig
 from kolm.train.engine import build_engine, join_process_group
 from kolm.train.hardware import device_peak_flops
 from kolm.train.metrics import MetricSinks, ProgressDisplay, StepWindow
 from kolm.train.resume import check_resumable, needs_universal, prepare_universal, restore
+from kolm.train.runlock import RunLock, check_not_held_by_another_launch
 from kolm.train.setup import prepare
 from kolm.train.signals import EXIT_REQUEUE, GracefulStop
 from kolm.train.state import TrainState
+from kolm.train.watchdog import watch_launcher
 
 EXIT_NONFINITE = 3
 
@@ -63,12 +65,14 @@ class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.setup = prepare(cfg)
+        self.watch = watch_launcher(self.setup.env)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.rank0 = self.setup.env.is_main
         resume = checkpoint.find_resume(self.ckpt_dir)
         if resume:
             check_resumable(resume, cfg, self.setup)
+        self.lock = self._lock_run_dir()
         self.engine = self._start(resume)
         self.device = self.engine.device
         self.state = restore(self.engine, cfg, self.setup, resume) if resume else TrainState.fresh(
@@ -82,6 +86,13 @@ class Trainer:
         self.batches = self.setup.train.rank_batches(self.state.consumed_samples, cfg.global_batch, cfg.micro_batch,
                                                      self.setup.env.rank, self.setup.env.world_size)
 
+    def _lock_run_dir(self) -> RunLock | None:
+        """One writer per run directory: refused here, before anything is written, when in use."""
+        if self.rank0:
+            return RunLock(self.run_dir).acquire()
+        check_not_held_by_another_launch(self.run_dir)
+        return None
+
     def _start(self, resume: checkpoint.Checkpoint | None):
         join_process_group(self.setup.env)
         ds_config = self.setup.ds_config
@@ -92,7 +103,7 @@ class Trainer:
             atomic_write_json(self.run_dir / "run_config.json", self.cfg.to_dict())
             atomic_write_json(self.run_dir / "ds_config.json", ds_config)
         return build_engine(self.setup.model_config, ds_config, self.cfg.seed, self.cfg.weight_decay,
-                            self.cfg.activation_checkpointing)
+                            self.cfg.activation_checkpointing, self.cfg.compile)
 
     def _step_window(self) -> StepWindow:
         cfg, setup = self.cfg, self.setup
@@ -112,10 +123,11 @@ class Trainer:
 
     def train_step(self) -> torch.Tensor:
         """One optimizer step over this rank's micro-batches; returns its mean loss (on the device)."""
+        self.watch.check()  # a rank whose launcher died stops here, before another step
         loss = torch.zeros((), device=self.device)
         for _ in range(self.setup.grad_accum):
-            x = torch.from_numpy(next(self.batches)).to(self.device, non_blocking=True)
-            micro = loss_sum(self.engine(input_ids=x[:, :-1]).logits, x[:, 1:]) / x[:, 1:].numel()
+            x = to_device(next(self.batches), self.device)
+            micro = self.engine(input_ids=x[:, :-1], targets=x[:, 1:]) / x[:, 1:].numel()
             self.engine.backward(micro)
             self.engine.step()
             loss += micro.detach() / self.setup.grad_accum
@@ -201,6 +213,8 @@ class Trainer:
                 f"exit {EXIT_REQUEUE} (requeue)")
         dist.barrier()
         dist.destroy_process_group()
+        if self.lock is not None:
+            self.lock.release()
         return code
 
 
@@ -211,7 +225,15 @@ def evaluate(engine, setup, cfg: RunConfig, device: torch.device) -> dict:
     with torch.no_grad():
         for batch in setup.valid.eval_batches(cfg.micro_batch, setup.env.rank, setup.env.world_size,
                                               cfg.eval_samples or None):
-            x = torch.from_numpy(batch).to(device)
-            totals.add(*token_stats(engine(input_ids=x[:, :-1]).logits, x[:, 1:]))
+            x = to_device(batch, device)
+            totals.add(*engine(input_ids=x[:, :-1], targets=x[:, 1:], accuracy=True), x[:, 1:].numel())
     engine.train()
     return totals.all_reduce(device).summary()
+
+
+def to_device(batch, device: torch.device) -> torch.Tensor:
+    """A batch of windows on the device; through pinned memory on a GPU, so the copy overlaps."""
+    x = torch.from_numpy(batch)
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)

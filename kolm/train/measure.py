@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import torch
 
 from kolm.model.flops import parameter_count
-from kolm.model.loss import loss_sum
 from kolm.model.presets import build_config, get_shape
 from kolm.train import distenv, dsconfig
 from kolm.train.config import RunConfig
@@ -56,7 +55,7 @@ def measure(req: MeasureRequest) -> dict:
     x = torch.randint(0, req.vocab, (req.micro_batch, req.seq_len + 1), device=engine.device)
 
     def loss() -> torch.Tensor:
-        return loss_sum(engine(input_ids=x[:, :-1]).logits, x[:, 1:]) / x[:, 1:].numel()
+        return engine(input_ids=x[:, :-1], targets=x[:, 1:]) / x[:, 1:].numel()  # the training call
 
     engine.backward(loss())  # a first step creates the optimizer states
     engine.step()

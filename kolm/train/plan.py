@@ -5,9 +5,10 @@ DeepSpeed engine on this machine's device (kolm.train.measure).
 Model states use DeepSpeed's own estimators (ZeRO-2 and ZeRO-3; ZeRO-1 by the same accounting:
 full 16-bit parameters and gradients, fp32 master weights, gradients and Adam moments
 partitioned). Activations are counted per micro batch for bf16 with a fused attention kernel
-(no seq_len^2 score matrix is kept), per layer ACT_PER_LAYER x s x b x h bytes, plus the
-logits and their fp32 loss terms; activation checkpointing keeps each layer's input plus one
-layer's activations during the recompute.
+(no seq_len^2 score matrix is kept), per layer ACT_PER_LAYER x s x b x h bytes. The loss is
+fused with the LM head (kolm.model.loss): it keeps the gradient of the last hidden state and an
+fp32 gradient of the output matrix, and holds the logits one chunk at a time. Activation
+checkpointing keeps each layer's input plus one layer's activations during the recompute.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 from kolm.errors import KolmError
 from kolm.model.flops import flops_per_token, parameter_count
+from kolm.model.loss import CHUNK_ELEMENTS
 from kolm.model.presets import PhiShape, get_shape, padded_vocab
 from kolm.train.hardware import CARDS
 
@@ -25,8 +27,8 @@ USABLE = 0.90  # of device memory: the CUDA context, NCCL buffers and allocator 
 # backward: norm, q/k/v and rotary pieces, attention output, the MLP input and gelu_new's
 # intermediates (transformers computes it elementwise). Measured with `kolm plan --measure`.
 ACT_PER_LAYER = 55
-LOGIT_BYTES = 4  # kept per token per vocabulary entry: the fp32 log-softmax
-LOGIT_TRANSIENT = 6  # also alive at the loss: the bf16 logits and their fp32 copy
+HEAD_GRAD_BYTES = 4  # per LM-head parameter: the fused loss's fp32 gradient of the output matrix and bias
+CHUNK_TRANSIENT = CHUNK_ELEMENTS * (4 + 2)  # one chunk's fp32 logits and their bf16 gradient
 GIB = 1024**3
 
 
@@ -77,16 +79,15 @@ def activation_bytes(shape: PhiShape, vocab: int, seq_len: int, micro_batch: int
     """Bytes kept for backward by one micro batch (bf16)."""
     tokens = seq_len * micro_batch
     layer = ACT_PER_LAYER * tokens * shape.hidden_size
-    logits = LOGIT_BYTES * tokens * vocab
+    head = 2 * tokens * shape.hidden_size + HEAD_GRAD_BYTES * vocab * (shape.hidden_size + 1)
     if checkpointing:
-        return shape.num_hidden_layers * 2 * tokens * shape.hidden_size + layer + logits
-    return shape.num_hidden_layers * layer + logits
+        return shape.num_hidden_layers * 2 * tokens * shape.hidden_size + layer + head
+    return shape.num_hidden_layers * layer + head
 
 
 def peak_bytes(states: int, shape: PhiShape, vocab: int, seq_len: int, micro_batch: int, checkpointing: bool) -> int:
-    """Per GPU: model states, what the micro batch keeps for backward, and the transient logits."""
-    transient = LOGIT_TRANSIENT * seq_len * micro_batch * vocab
-    return states + activation_bytes(shape, vocab, seq_len, micro_batch, checkpointing) + transient
+    """Per GPU: model states, what the micro batch keeps for backward, and one chunk of logits."""
+    return states + activation_bytes(shape, vocab, seq_len, micro_batch, checkpointing) + CHUNK_TRANSIENT
 
 
 @dataclass
@@ -226,7 +227,7 @@ def format_plan(req: PlanRequest) -> str:
 
 def _format_table(table: list[Row], gib: float) -> list[str]:
     lines = [f"memory per GPU (usable: {USABLE:.0%} of {gib:g} GiB = {USABLE * gib:.1f} GiB):",
-             f"  {'layout':<22}{'act. ckpt':<11}{'states GiB':>11}{'act. GiB/sample':>17}{'max micro batch':>17}"
+             f"  {'layout':<22}{'act. ckpt':<11}{'states GiB':>11}{'act. GiB (mb 1)':>17}{'max micro batch':>17}"
              f"{'CPU GiB/node':>14}"]
     for r in table:
         lines.append(f"  {r.layout.name:<22}{'yes' if r.checkpointing else 'no':<11}{r.states / GIB:>11.2f}"

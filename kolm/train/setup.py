@@ -4,6 +4,7 @@ here is a clear error before a device is touched (and is what `kolm train --chec
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 
@@ -50,8 +51,9 @@ def prepare(cfg: RunConfig) -> RunSetup:
     total = cfg.train_steps or math.ceil(cfg.epochs * train.num_samples / cfg.global_batch)
     positions = shape.max_position_embeddings
     ds_config = dsconfig.build(cfg, env.world_size, grad_accum, total, on_cpu=not torch.cuda.is_available())
+    check_kernels(cfg)
     return RunSetup(env, grad_accum, total, train, _valid_or_none(cfg),
-                    build_config(shape, vocab, tok.eos_id, tok.eos_id, positions),
+                    build_config(shape, vocab, tok.eos_id, tok.eos_id, positions, cfg.attn_implementation),
                     phi_config_dict(shape, vocab, tok.eos_id, tok.eos_id, positions), ds_config,
                     flops_per_token(shape, vocab, cfg.seq_len), parameter_count(shape, vocab))
 
@@ -64,6 +66,20 @@ def model_shape(cfg: RunConfig) -> PhiShape:
             f"{shape.max_position_embeddings}; lower seq_len or set model_overrides.max_position_embeddings"
         )
     return shape
+
+
+def check_kernels(cfg: RunConfig) -> None:
+    """The attention kernel and compilation the recipe asks for must exist on this machine."""
+    cuda = torch.cuda.is_available()
+    if cfg.attn_implementation == "flash_attention_2":
+        if not cuda:
+            raise KolmError("attn_implementation=flash_attention_2 needs a CUDA GPU; use sdpa (the default) here")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise KolmError("attn_implementation=flash_attention_2 needs the flash-attn package "
+                            "(`pip install flash-attn --no-build-isolation`); or use sdpa (the default)")
+    if cfg.compile and not cuda and cfg.precision == "bf16":
+        raise KolmError("compile=true on a CPU works in fp32 only: torch's inductor fails to build bf16 kernels for "
+                        "these blocks on CPU. Use precision=fp32, or compile=false")
 
 
 def _valid_or_none(cfg: RunConfig) -> PackedDataset | None:

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from dist import Ranks, train_records
 
 from kolm.train.checkpoint import MARKER, _tagged_dirs, complete_checkpoints, find_resume
+
+from .dist import Ranks, train_records
 
 STRATEGIES = ("startup", "random_step", "during_save", "after_resume")
 

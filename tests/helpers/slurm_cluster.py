@@ -8,16 +8,22 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "local-slurm.sh"
 
 
+# The suite's own cluster, beside (never instead of) one a user started with tools/local-slurm.sh:
+# its own state directory, ports and node names.
+CLUSTER = {"KOLM_SLURM_DIR": "/var/lib/kolm-slurm-tests", "KOLM_SLURM_PORT": "16917", "KOLM_SLURM_PREFIX": "kolm-t"}
+
+
 def start_cluster() -> dict[str, str]:
-    """Start (or reuse) the 2-node local cluster; returns the environment jobs are submitted with."""
-    proc = subprocess.run([str(TOOL), "start", "--nodes", "2"], capture_output=True, text=True)
+    """Start (or reuse) the suite's 2-node local cluster; returns the environment jobs are submitted with."""
+    tool_env = {**os.environ, **CLUSTER}
+    proc = subprocess.run([str(TOOL), "start", "--nodes", "2"], capture_output=True, text=True, env=tool_env)
     if proc.returncode != 0:
         raise AssertionError(f"tools/local-slurm.sh start failed:\n{proc.stdout}\n{proc.stderr}")
-    conf = subprocess.run([str(TOOL), "env"], capture_output=True, text=True, check=True).stdout
+    conf = subprocess.run([str(TOOL), "env"], capture_output=True, text=True, check=True, env=tool_env).stdout
     env = {**os.environ, "SLURM_CONF": conf.strip().split("=", 1)[1],
            "KOLM_PYTHON": sys.executable, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -66,3 +72,47 @@ def finished(info: dict) -> bool:
 
 def restarted(info: dict) -> bool:
     return int(info.get("Restarts", "0")) >= 1
+
+
+# --------------------------------------------------------------------------- the time limit, by construction
+
+
+def job_processes(job_id: str, marker: bytes) -> list[int]:
+    """Python processes of a job (SLURM_JOB_ID in their environment) whose command line holds ``marker``."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker in cmdline and b"python" in cmdline.split(b"\0")[0] and f"SLURM_JOB_ID={job_id}".encode() in environ:
+            found.append(int(proc.name))
+    return found
+
+
+def signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        os.kill(pid, sig)
+
+
+def pending(pid: int, sig: int) -> bool:
+    """Whether ``sig`` waits, undelivered, for the (stopped) process ``pid``."""
+    bit = 1 << (sig - 1)
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("SigPnd:", "ShdPnd:")) and int(line.split()[1], 16) & bit:
+            return True
+    return False
+
+
+def _seconds(text: str) -> int:
+    days, _, clock = text.rpartition("-")
+    h, m, s = (int(x) for x in clock.split(":"))
+    return int(days or 0) * 86400 + h * 3600 + m * 60 + s
+
+
+def time_limit_due(env: dict, job_id: str, warning_s: int) -> None:
+    """Set the job's time limit so that the warning Slurm sends ``warning_s`` before it is due within
+    a minute, leaving ``warning_s`` seconds or more to the limit itself."""
+    elapsed = _seconds(job(env, job_id)["RunTime"])
+    scontrol(env, "update", f"JobId={job_id}", f"TimeLimit={-(-(elapsed + warning_s) // 60)}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -12,6 +11,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from kolm.train.metrics import read_metrics
 
 TINY = {
     "model": "phi-tiny",
@@ -48,7 +49,8 @@ def free_port() -> int:
 class Ranks:
     """N `kolm train` processes in one process group, with torchrun-style environment."""
 
-    def __init__(self, n: int, recipe: Path, *overrides: str, log_dir: Path, argv: list[str] | None = None):
+    def __init__(self, n: int, recipe: Path, *overrides: str, log_dir: Path, argv: list[str] | None = None,
+                 extra_env: dict[str, str] | None = None):
         port = free_port()
         self.procs: list[subprocess.Popen] = []
         self.logs = [log_dir / f"rank{r}.log" for r in range(n)]
@@ -56,7 +58,7 @@ class Ranks:
         for r in range(n):
             env = {**os.environ, "RANK": str(r), "WORLD_SIZE": str(n), "LOCAL_RANK": str(r),
                    "LOCAL_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                   "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+                   "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", **(extra_env or {})}
             group = {"process_group": 0} if r == 0 else {"process_group": self.procs[0].pid}
             with open(self.logs[r], "ab") as log:
                 command = argv or ["-m", "kolm", "train", "--config", str(recipe), *overrides]
@@ -86,9 +88,9 @@ class Ranks:
 
 
 def run_ranks(n: int, recipe: Path, *overrides: str, log_dir: Path, timeout: float = 600,
-              argv: list[str] | None = None) -> tuple[list[int], str]:
-    """Run to the end; ``argv`` replaces the `kolm train` command (same environment)."""
-    ranks = Ranks(n, recipe, *overrides, log_dir=log_dir, argv=argv)
+              argv: list[str] | None = None, extra_env: dict[str, str] | None = None) -> tuple[list[int], str]:
+    """Run to the end; ``argv`` replaces the `kolm train` command, ``extra_env`` adds to the environment."""
+    ranks = Ranks(n, recipe, *overrides, log_dir=log_dir, argv=argv, extra_env=extra_env)
     codes = ranks.wait(timeout)
     return codes, ranks.output()
 
@@ -102,10 +104,10 @@ def train_to_end(root: Path, shards: Path, tokenizer: Path, **overrides) -> Path
 
 
 def train_records(run_dir: Path, kind: str = "train") -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
+    if not (run_dir / "metrics.jsonl").is_file():
         return []
-    return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == kind]
+    metrics = read_metrics(run_dir)
+    return metrics.train if kind == "train" else metrics.evals if kind == "eval" else metrics.other
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:

@@ -1,0 +1,379 @@
+"""One GPU: kolm's training step (DeepSpeed ZeRO-2, bf16, the fused loss) at phi-160m and phi-1.5 sizes,
+against the card's data-sheet peak and against the seed recipe on the same GPU and text.
+
+For each model and sequence length (512, 2048) it climbs a ladder of micro batches (1, 2, 4, ...) until
+memory runs out or throughput stops growing, with sdpa attention and no compilation; at the best micro
+batch it then tries flash-attention 2 (when the flash-attn package is installed) and compiled blocks.
+Each point reports tokens/s, MFU against the card's bf16 peak (kolm.train.hardware) and peak GPU memory.
+The seed recipe (Hugging Face Trainer, per-device batch 4, one padded line per sample, bf16) runs on the
+same text for the useful-tokens/s ratio. Points run in order of importance inside ``--budget`` seconds
+(default 420, so the whole command ends within 8 minutes); what does not fit is listed as skipped.
+
+    python bench/gpu_bench.py --corpus corpus.txt.gz             # on the GPU machine; appends to RESULTS.md
+    python bench/gpu_bench.py --smoke --no-record                # the same code on CPU, tiny shapes, minutes
+
+Each (model, seq_len, kernel) group runs in a child process of its own, so an out-of-memory error or a
+compilation failure ends that group only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import common
+
+HEADING = "## One GPU"
+LADDER = (1, 2, 4, 8, 16, 32, 64)
+
+
+@dataclass(frozen=True)
+class Group:
+    """Points measured in one child process: one model, length and kernel, several micro batches."""
+
+    model: str
+    seq_len: int
+    attn: str = "sdpa"
+    compile: bool = False
+    micro_batches: tuple[int, ...] = LADDER
+    climb: bool = True  # stop the ladder when throughput stops growing
+
+
+@dataclass
+class Point:
+    model: str
+    seq_len: int
+    attn: str
+    compile: bool
+    micro_batch: int
+    tokens_per_s: float | None = None
+    mfu: float | None = None
+    peak_gib: float | None = None
+    error: str = ""
+
+
+@dataclass
+class Plan:
+    smoke: bool
+    steps: int
+    warmup: int
+    dtype: str
+    groups: list[Group] = field(default_factory=list)
+
+
+def make_plan(smoke: bool) -> Plan:
+    """The groups in order of importance (the budget cuts from the end)."""
+    if smoke:
+        groups = [Group("phi-tiny", 64, micro_batches=(1, 2)), Group("phi-tiny", 64, compile=True,
+                                                                      micro_batches=(2,), climb=False)]
+        return Plan(True, 3, 1, "fp32", groups)  # inductor builds no bf16 kernels for these blocks on CPU
+    groups = [Group("phi-1.5", 2048), Group("phi-1.5", 512), Group("phi-160m", 2048), Group("phi-160m", 512)]
+    return Plan(False, 8, 3, "bf16", groups)
+
+
+def variants(best: Point, flash: bool) -> list[Group]:
+    """At a group's best micro batch: compiled blocks, and flash-attention 2 when it is installed."""
+    out = [Group(best.model, best.seq_len, best.attn, True, (best.micro_batch,), False)]
+    if flash:
+        out += [Group(best.model, best.seq_len, "flash_attention_2", c, (best.micro_batch,), False)
+                for c in (False, True)]
+    return out
+
+
+# --------------------------------------------------------------------------- child: kolm's step
+
+
+def _engine(group: Group, micro_batch: int, dtype: str, vocab: int):
+    import torch
+
+    from kolm.model.presets import build_config, get_shape
+    from kolm.train import dsconfig
+    from kolm.train.config import RunConfig
+    from kolm.train.engine import build_engine
+
+    cfg = RunConfig(model=group.model, seq_len=group.seq_len, global_batch=micro_batch, micro_batch=micro_batch,
+                    zero_stage=2, precision=dtype, warmup_steps=1, attn_implementation=group.attn,
+                    compile=group.compile)
+    ds_config = dsconfig.build(cfg, 1, 1, 1000, on_cpu=not torch.cuda.is_available())
+    config = build_config(get_shape(group.model), vocab, 0, 0, group.seq_len, group.attn)
+    return build_engine(config, ds_config, 0, cfg.weight_decay, False, group.compile)
+
+
+def _timed_steps(engine, micro_batch: int, seq_len: int, vocab: int, warmup: int, steps: int) -> float:
+    """Seconds per optimizer step, the median of ``steps`` after ``warmup``."""
+    import statistics
+
+    import torch
+
+    x = torch.randint(0, vocab, (micro_batch, seq_len + 1), device=engine.device)
+    seconds = []
+    for i in range(warmup + steps):
+        _sync()
+        start = time.perf_counter()
+        engine.backward(engine(input_ids=x[:, :-1], targets=x[:, 1:]) / (micro_batch * seq_len))
+        engine.step()
+        _sync()
+        if i >= warmup:
+            seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def measure_point(group: Group, micro_batch: int, plan: Plan, vocab: int, peak: float) -> Point:
+    import gc
+
+    import torch
+
+    from kolm.model.flops import flops_per_token
+    from kolm.model.presets import get_shape
+
+    point = Point(group.model, group.seq_len, group.attn, group.compile, micro_batch)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    engine = None
+    try:
+        engine = _engine(group, micro_batch, plan.dtype, vocab)
+        step = _timed_steps(engine, micro_batch, group.seq_len, vocab, plan.warmup, plan.steps)
+        point.tokens_per_s = micro_batch * group.seq_len / step
+        point.mfu = point.tokens_per_s * flops_per_token(get_shape(group.model), vocab, group.seq_len) / peak
+        if torch.cuda.is_available():
+            point.peak_gib = torch.cuda.max_memory_allocated() / 2**30
+    except torch.cuda.OutOfMemoryError:
+        point.error = "out of memory"
+    except Exception as e:  # a kernel or compiler failure ends this point, reported, not the benchmark
+        point.error = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    del engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return point
+
+
+def child_group(group: Group, plan: Plan, vocab: int) -> list[Point]:
+    import torch
+
+    from kolm.train import distenv
+    from kolm.train.engine import join_process_group
+    from kolm.train.hardware import device_peak_flops
+
+    join_process_group(distenv.DistEnv(0, 1, 0, "127.0.0.1", distenv.free_port(), "single"))
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    peak, _ = device_peak_flops(device, torch.bfloat16 if plan.dtype == "bf16" else torch.float32)
+    points: list[Point] = []
+    for mb in group.micro_batches:
+        points.append(measure_point(group, mb, plan, vocab, peak))
+        done = [p.tokens_per_s for p in points if p.tokens_per_s]
+        if points[-1].error or (group.climb and len(done) >= 2 and done[-1] < 1.03 * done[-2]):
+            break
+    return points
+
+
+# --------------------------------------------------------------------------- child: the seed recipe
+
+
+def child_seed(corpus: Path, tokenizer: Path, model: str, seq_len: int, smoke: bool) -> dict:
+    """The seed's training (HF Trainer, per-device batch 4, accumulation 4, padded lines) for a few steps:
+    useful (non-padding) tokens per second."""
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        PhiForCausalLM,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    from kolm.model.presets import build_config, get_shape, padded_vocab
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer))
+    tok.pad_token = tok.eos_token
+    lines = common.read_lines(corpus)[: 2000 if smoke else 40000]
+    enc = tok(lines, truncation=True, max_length=seq_len, return_overflowing_tokens=True)
+    samples = [{"input_ids": ids} for ids in enc["input_ids"]]
+    config = build_config(get_shape(model), padded_vocab(len(tok)), tok.eos_token_id, tok.eos_token_id, 2048)
+    torch.manual_seed(0)
+    timing = _seed_timing(TrainerCallback)()
+    args = TrainingArguments(output_dir=str(common.OUT / "gpu-seed"), per_device_train_batch_size=4,
+                             gradient_accumulation_steps=4, learning_rate=5e-4, weight_decay=0.1,
+                             max_steps=4 if smoke else 30, bf16=torch.cuda.is_available(), logging_steps=1000,
+                             save_strategy="no", report_to=[], dataloader_num_workers=0, use_cpu=smoke)
+    model_obj = PhiForCausalLM(config)
+    model_obj.register_forward_pre_hook(timing.count, with_kwargs=True)
+    Trainer(model=model_obj, args=args, train_dataset=samples, callbacks=[timing],
+            data_collator=DataCollatorForLanguageModeling(tok, mlm=False)).train()
+    return timing.report(warmup=1 if smoke else 5)
+
+
+def _seed_timing(base: type) -> type:
+    """A Trainer callback (and forward pre-hook) that counts useful tokens and times every step."""
+
+    class SeedTiming(base):
+        def __init__(self):
+            self.tokens, self.step_tokens, self.marks = 0, [], []
+
+        def count(self, module, args, kwargs) -> None:
+            mask = kwargs.get("attention_mask")
+            self.tokens += int(mask.sum()) if mask is not None else int(kwargs["input_ids"].numel())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            _sync()
+            self.marks.append(time.perf_counter())
+            self.step_tokens.append(self.tokens)
+            self.tokens = 0
+
+        def report(self, warmup: int) -> dict:
+            seconds = [b - a for a, b in zip(self.marks, self.marks[1:])][warmup:]
+            useful = self.step_tokens[1:][warmup:]
+            return {"useful_tokens_per_s": sum(useful) / sum(seconds), "steps": len(seconds)}
+
+    return SeedTiming
+
+
+# --------------------------------------------------------------------------- parent
+
+
+def run_child(args: list[str], timeout: float) -> dict | None:
+    cmd = [sys.executable, __file__, *args]
+    env = common.bench_env(DS_ACCELERATOR="cpu") if "--smoke" in args else common.bench_env()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"ran past its share of the budget ({timeout:.0f} s)"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        return {"error": f"exit {proc.returncode}: {tail}"}
+    return json.loads(lines[-1])
+
+
+def run_all(opts: argparse.Namespace, plan: Plan, flash: bool) -> tuple[list[Point], dict | None, list[str]]:
+    deadline = time.monotonic() + opts.budget
+    points, skipped, seed = [], [], None
+    queue = list(plan.groups)
+    seed_args = ["--child-seed", "--corpus", str(opts.corpus), "--tokenizer", str(opts.tokenizer),
+                 "--seed-model", plan.groups[0].model, *(["--smoke"] if opts.smoke else [])]
+    while queue:
+        group = queue.pop(0)
+        left = deadline - time.monotonic()
+        if left < 30:
+            skipped.append(f"{group.model} seq {group.seq_len} {group.attn}{' compiled' if group.compile else ''}")
+            continue
+        result = run_child(["--child-group", json.dumps(asdict(group)), "--vocab", str(opts.vocab),
+                            *(["--smoke"] if opts.smoke else [])], left)
+        got = [Point(**p) for p in result.get("points", [])] or [Point(group.model, group.seq_len, group.attn,
+                                                                        group.compile, 0, error=result.get("error"))]
+        points += got
+        best = max((p for p in got if p.tokens_per_s), key=lambda p: p.tokens_per_s, default=None)
+        if best and group.climb:
+            queue[1:1] = variants(best, flash)
+        if seed is None and len(points) >= 1 and not opts.no_seed:
+            seed = run_child(seed_args, max(30.0, deadline - time.monotonic()))
+    return points, seed, skipped
+
+
+def format_report(points: list[Point], seed: dict | None, skipped: list[str], opts: argparse.Namespace) -> str:
+    import torch
+
+    card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({common.cpu_model()})"
+    lines = [f"### {common.timestamp(utc=True)}", "", f"- device: {card}; "
+             f"{common.library_versions(['torch', 'deepspeed', 'transformers', 'flash-attn'])}",
+             f"- kolm revision: {common.git_revision()}; command: `{opts.command}`",
+             f"- kolm: one process, DeepSpeed ZeRO-2, fused loss, random token windows (every token useful), "
+             f"{opts.vocab:,} embedding rows; MFU against the card's data-sheet bf16 peak", "",
+             "| model | seq | attention | compiled | micro batch | tokens/s | MFU | peak GiB | note |",
+             "|---|--:|---|---|--:|--:|--:|--:|---|"]
+    for p in points:
+        lines.append(f"| {p.model} | {p.seq_len} | {p.attn} | {'yes' if p.compile else 'no'} | {p.micro_batch} | "
+                     + (f"{p.tokens_per_s:,.0f} | {p.mfu:.1%} | " if p.tokens_per_s else "- | - | ")
+                     + (f"{p.peak_gib:.1f} | " if p.peak_gib is not None else "- | ") + f"{p.error} |")
+    lines.append("")
+    lines += _summary(points, seed, skipped)
+    return "\n".join(lines) + "\n"
+
+
+def _summary(points: list[Point], seed: dict | None, skipped: list[str]) -> list[str]:
+    lines = []
+    big = [p for p in points if p.tokens_per_s and p.model == points[0].model]
+    if big:
+        best = max(big, key=lambda p: p.mfu)
+        lines.append(f"- best {best.model}: {best.mfu:.1%} MFU at seq {best.seq_len}, micro batch {best.micro_batch} "
+                     f"({best.attn}{', compiled' if best.compile else ''}); goal 50%")
+    if seed and "useful_tokens_per_s" in seed and big:
+        best_tps = max(p.tokens_per_s for p in big)
+        ratio = best_tps / seed["useful_tokens_per_s"]
+        lines.append(f"- seed recipe ({points[0].model}, HF Trainer, batch 4 x 4, padded lines): "
+                     f"{seed['useful_tokens_per_s']:,.0f} useful tokens/s; kolm/seed {ratio:.1f}x (goal 10x)")
+    elif seed:
+        lines.append(f"- seed recipe: {seed.get('error', 'not measured')}")
+    if skipped:
+        lines.append(f"- not measured within the budget: {', '.join(skipped)}")
+    return lines
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="the same code on CPU with tiny shapes")
+    p.add_argument("--corpus", type=Path, default=common.DEFAULT_CORPUS, help="text for the seed recipe")
+    p.add_argument("--tokenizer", type=Path, default=None, help="default: trained on --corpus (cached)")
+    p.add_argument("--budget", type=float, default=420.0, help="seconds for all measurements (default 420)")
+    p.add_argument("--no-seed", action="store_true", help="skip the seed recipe")
+    p.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
+    p.add_argument("--child-group", help=argparse.SUPPRESS)
+    p.add_argument("--child-seed", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--seed-model", help=argparse.SUPPRESS)
+    p.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def child_main(opts: argparse.Namespace) -> None:
+    plan = make_plan(opts.smoke)
+    if opts.child_seed:
+        print(json.dumps(child_seed(opts.corpus, opts.tokenizer, opts.seed_model, 512 if not opts.smoke else 64,
+                                    opts.smoke)))
+        return
+    group = Group(**{**json.loads(opts.child_group), "micro_batches": tuple(json.loads(opts.child_group)
+                                                                                ["micro_batches"])})
+    points = child_group(group, plan, opts.vocab)
+    print(json.dumps({"points": [asdict(p) for p in points]}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import importlib.util
+
+    opts = parse_args(argv)
+    if opts.child_group or opts.child_seed:
+        child_main(opts)
+        return 0
+    if not opts.corpus.is_file():
+        common.die(f"no corpus at {opts.corpus}; pass --corpus PATH (one document per line, .txt or .txt.gz)")
+    opts.command = common.command_line("python", "bench/gpu_bench.py", argv)
+    corpus = common.prepare_corpus(opts.corpus, 2000 if opts.smoke else 50_000)
+    opts.corpus = corpus
+    opts.tokenizer = opts.tokenizer or common.ensure_tokenizer(corpus, 2000 if opts.smoke else 51200)
+    from kolm.data.tokenizer import load_tokenizer_info
+    from kolm.model.presets import padded_vocab
+
+    opts.vocab = padded_vocab(load_tokenizer_info(opts.tokenizer).vocab_size)  # kolm's and the seed's LM head
+    flash = importlib.util.find_spec("flash_attn") is not None and not opts.smoke
+    points, seed, skipped = run_all(opts, make_plan(opts.smoke), flash)
+    report = format_report(points, seed, skipped, opts)
+    print(report)
+    if not opts.no_record:
+        common.append_results(report, HEADING, "bench/gpu_bench.py")
+    return 0 if any(p.tokens_per_s for p in points) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
