@@ -240,22 +240,50 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="loss, perplexity and next-token accuracy on a shard split")
+    from kolm.export.harness import HarnessOptions
+
+    h = HarnessOptions()
+    p = sub.add_parser("eval", help="loss, perplexity and accuracy on a shard split (--data), or "
+                                    "lm-evaluation-harness tasks (--tasks)")
     p.add_argument("model", help="Hugging Face model directory, run directory or checkpoint directory")
-    p.add_argument("--data", required=True, help="shard directory")
-    p.add_argument("--split", default="valid", choices=("train", "valid"))
-    p.add_argument("--seq-len", type=int, default=None, help="default: the training seq_len, else 512")
-    p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--max-samples", type=int, default=None)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data", help="shard directory: loss, perplexity and next-token accuracy")
+    what.add_argument("--tasks", type=lambda t: [n for n in t.split(",") if n],
+                      help="lm-evaluation-harness tasks, comma-separated (kolm ships ko_constitution_cloze)")
     p.add_argument("--tag", default=None, help="checkpoint tag when MODEL is a run directory")
+    shards = p.add_argument_group("with --data")
+    shards.add_argument("--split", default="valid", choices=("train", "valid"))
+    shards.add_argument("--seq-len", type=int, default=None, help="default: the training seq_len, else 512")
+    shards.add_argument("--micro-batch", type=int, default=8)
+    shards.add_argument("--max-samples", type=int, default=None)
+    shards.add_argument("--attention", choices=ATTENTION_CHOICES, default=None,
+                        help="default: what the model was trained with (causal where unknown)")
+    harness = p.add_argument_group("with --tasks")
+    harness.add_argument("--include-path", default=h.include_path, help="a directory of your own task YAML files")
+    harness.add_argument("--limit", type=int, default=h.limit, help="examples per task (default: all)")
+    harness.add_argument("--num-fewshot", type=int, default=h.num_fewshot)
+    harness.add_argument("--batch-size", type=int, default=h.batch_size)
+    harness.add_argument("--pending", action="store_true",
+                         help="every complete checkpoint of a run without results for these tasks yet")
     p.set_defaults(func=_eval)
 
 
+ATTENTION_CHOICES = ("causal", "document")
+
+
 def _eval(args: argparse.Namespace) -> int:
+    if args.tasks is not None:
+        from kolm.export.harness import HarnessOptions, run_harness
+
+        opts = HarnessOptions(args.tasks, args.include_path, args.limit, args.num_fewshot, args.batch_size,
+                              args.tag, args.pending)
+        for result in run_harness(args.model, opts):
+            emit(result)
+        return 0
     from kolm.export.evaluate import evaluate_model
 
     emit(evaluate_model(args.model, args.data, args.split, args.seq_len, args.micro_batch, args.max_samples,
-                         args.tag))
+                        args.tag, args.attention))
     return 0
 
 
@@ -280,8 +308,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _add_plan(sub) -> None:
     from kolm.train.hardware import CARDS
-    from kolm.train.measure import MeasureRequest
-    from kolm.train.plan import PlanRequest
+    from kolm.train.plan import MeasureRequest, PlanRequest
 
     d, m = PlanRequest(), MeasureRequest()
     p = sub.add_parser("plan", help="memory per GPU, layout and training time for a cluster shape")
@@ -313,7 +340,8 @@ def _plan(args: argparse.Namespace) -> int:
     req = PlanRequest(**{name: getattr(args, name) for name in fields})
     req.validate()
     if args.measure:
-        from kolm.train.measure import MeasureRequest, format_measurement
+        from kolm.train.measure import format_measurement
+        from kolm.train.plan import MeasureRequest
 
         if args.micro_batch < 1:
             raise KolmError(f"--micro-batch must be at least 1, got {args.micro_batch}")

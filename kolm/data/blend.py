@@ -15,7 +15,6 @@ The blended order depends only on the sources, their weights, seq_len and the se
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -23,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-from kolm.data.manifest import load_shard_dir
 from kolm.data.packed import PackedDataset, rank_batches
 from kolm.errors import KolmError
 
@@ -113,11 +111,18 @@ class BlendedDataset:
 
     def __init__(self, sources: list[Source], split: str, seq_len: int, seed: int = 1234):
         self.sources = sources
-        self.datasets = [PackedDataset(s.path, split, seq_len, seed) for s in sources]
+        self.datasets = [self._open(s, split, seq_len, seed, len(sources) > 1) for s in sources]
         self.fractions = shares([s.weight for s in sources])
         self._choice, self._ordinal, self._per_period = blend_period(self.fractions)
         self.split, self.seq_len, self.seed = split, seq_len, seed
         self.num_samples = sum(d.num_samples for d in self.datasets)
+
+    @staticmethod
+    def _open(source: Source, split: str, seq_len: int, seed: int, named: bool) -> PackedDataset:
+        try:
+            return PackedDataset(source.path, split, seq_len, seed)
+        except KolmError as e:
+            raise KolmError(f"data source {source.label}: {e}" if named else str(e)) from None
 
     @property
     def names(self) -> list[str]:
@@ -161,14 +166,3 @@ class BlendedDataset:
             d = self.datasets[i]
             rows.append(d.window(d.sample_index(k)))
         return np.stack(rows)
-
-
-def open_training_data(data: str | list, split: str, seq_len: int, seed: int) -> BlendedDataset:
-    return BlendedDataset(parse_sources(data), split, seq_len, seed)
-
-
-def check_sources_exist(sources: list[Source]) -> None:
-    for s in sources:
-        if not os.path.isdir(s.path):
-            raise KolmError(f"data source {s.label}: {s.path}: no such shard directory; create it with `kolm shard`")
-        load_shard_dir(s.path)

@@ -151,7 +151,8 @@ def training_settings(ckpt: checkpoint.Checkpoint) -> dict:
     """How the model was trained, kept in config.json under "kolm" for the record (and for `kolm
     eval`): settings that are not part of the architecture, so loading never depends on them."""
     run = ckpt.marker.get("run_config", {})
-    return {"attn_implementation": run.get("attn_implementation", "sdpa"), "seq_len": ckpt.marker.get("seq_len")}
+    return {"attn_implementation": run.get("attn_implementation", "sdpa"), "attention": run.get("attention", "causal"),
+            "seq_len": ckpt.marker.get("seq_len")}
 
 
 def exported_config(ckpt: checkpoint.Checkpoint) -> dict:

@@ -13,11 +13,20 @@ from kolm.data.manifest import check_tokenizer, load_shard_dir
 from kolm.data.packed import PackedDataset
 from kolm.data.tokenizer import load_tokenizer_info
 from kolm.errors import KolmError
+from kolm.model.documents import document_inputs
 from kolm.model.loss import EvalTotals, token_stats
 
 
-def load_model(source: str, tag: str | None = None):
-    """(model, tokenizer directory, seq_len or None) from an HF directory or a checkpoint."""
+@dataclass
+class LoadedModel:
+    model: object  # a PhiForCausalLM in fp32, in eval mode
+    tokenizer: Path
+    seq_len: int | None  # what it was trained with, where known
+    attention: str  # causal | document, what it was trained with ("causal" where unknown)
+
+
+def load_model(source: str, tag: str | None = None) -> LoadedModel:
+    """A converted Hugging Face directory, or a checkpoint (run directory, tag), for evaluation."""
     p = Path(source)
     if (p / "config.json").is_file():
         from transformers import AutoModelForCausalLM
@@ -25,12 +34,15 @@ def load_model(source: str, tag: str | None = None):
         from kolm.export.convert import EXPORT_INFO
 
         info = json.loads((p / EXPORT_INFO).read_text()) if (p / EXPORT_INFO).is_file() else {}
-        return AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32).eval(), p, info.get("seq_len")
+        trained = json.loads((p / "config.json").read_text()).get("kolm") or {}
+        model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32).eval()
+        return LoadedModel(model, p, info.get("seq_len"), trained.get("attention", "causal"))
     from kolm.export.convert import consolidated_state_dict, exported_config, model_from_state_dict, resolve_checkpoint
 
     ckpt = resolve_checkpoint(source, tag)
     model = model_from_state_dict(exported_config(ckpt), consolidated_state_dict(ckpt))
-    return model, Path(ckpt.marker["tokenizer"]), ckpt.marker.get("seq_len")
+    return LoadedModel(model, Path(ckpt.marker["tokenizer"]), ckpt.marker.get("seq_len"),
+                       ckpt.marker.get("run_config", {}).get("attention", "causal"))
 
 
 @dataclass(frozen=True)
@@ -38,6 +50,7 @@ class EvalReport:
     split: str
     seq_len: int
     windows: int
+    attention: str
     eval_loss: float
     eval_perplexity: float
     eval_accuracy: float
@@ -46,23 +59,28 @@ class EvalReport:
     def __str__(self) -> str:
         return (f"{self.split}: loss {self.eval_loss:.4f}, perplexity {self.eval_perplexity:.3f}, next-token "
                 f"accuracy {self.eval_accuracy:.4f} over {self.eval_tokens} tokens ({self.windows} windows of "
-                f"{self.seq_len})")
+                f"{self.seq_len}, {self.attention} attention)")
 
 
 def evaluate_model(source: str, data: str, split: str = "valid", seq_len: int | None = None,
-                   micro_batch: int = 8, max_samples: int | None = None, tag: str | None = None) -> EvalReport:
-    """Score a model on a shard split with the metric code training uses."""
-    model, tok_dir, trained_len = load_model(source, tag)
-    shards = load_shard_dir(data)
-    check_tokenizer(shards, load_tokenizer_info(tok_dir).fingerprint(), str(tok_dir))
-    seq_len = seq_len or trained_len or 512
-    if seq_len > model.config.max_position_embeddings:
-        raise KolmError(f"--seq-len {seq_len} exceeds the model's {model.config.max_position_embeddings} positions")
+                   micro_batch: int = 8, max_samples: int | None = None, tag: str | None = None,
+                   attention: str | None = None) -> EvalReport:
+    """Score a model on a shard split with the metric code training uses (``attention``: as the
+    model was trained, unless given)."""
+    loaded = load_model(source, tag)
+    tok = load_tokenizer_info(loaded.tokenizer)
+    check_tokenizer(load_shard_dir(data), tok.fingerprint(), str(loaded.tokenizer))
+    seq_len = seq_len or loaded.seq_len or 512
+    attention = attention or loaded.attention
+    if seq_len > loaded.model.config.max_position_embeddings:
+        raise KolmError(f"--seq-len {seq_len} exceeds the model's {loaded.model.config.max_position_embeddings} "
+                        "positions")
     dataset = PackedDataset(data, split, seq_len)
     totals = EvalTotals()
     with torch.no_grad():
         for batch in dataset.eval_batches(micro_batch, 0, 1, max_samples):
             x = torch.from_numpy(batch)
-            totals.add(*token_stats(model(input_ids=x[:, :-1]).logits, x[:, 1:]))
+            kw = document_inputs(x[:, :-1], tok.eos_id, "sdpa", torch.float32) if attention == "document" else {}
+            totals.add(*token_stats(loaded.model(input_ids=x[:, :-1], use_cache=False, **kw).logits, x[:, 1:]))
     windows = min(max_samples or dataset.num_samples, dataset.num_samples)
-    return EvalReport(split, seq_len, windows, **totals.summary())
+    return EvalReport(split, seq_len, windows, attention, **totals.summary())

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from kolm.model.presets import PhiShape
 
+# Logits the fused loss (kolm.model.loss) holds at once: 128 MiB in fp32; tokens per chunk are this
+# divided by the vocabulary. Here, beside the other counts, for the planner's memory model.
+CHUNK_ELEMENTS = 1 << 25
+
 
 def parameter_count(shape: PhiShape, vocab_size: int) -> int:
     """Parameters of `PhiForCausalLM` (embeddings, blocks, final norm, biased LM head)."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-CHUNK_ELEMENTS = 1 << 25  # logits per chunk (128 MiB in fp32): tokens per chunk = this / vocabulary
+from kolm.model.flops import CHUNK_ELEMENTS
 
 
 def chunk_tokens(vocab: int) -> int:

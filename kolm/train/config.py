@@ -12,21 +12,26 @@ from pathlib import Path
 
 import yaml
 
+from kolm.data.blend import parse_sources
 from kolm.errors import KolmError
+from kolm.model.documents import ATTENTION_MODES
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
+WANDB_MODES = ("", "online", "offline", "disabled")
 
 
 @dataclass
 class RunConfig:
     # --- where things are
-    data: str = ""  # shard directory written by `kolm shard`
+    # a shard directory written by `kolm shard`, or a list of sources {path, weight, name} (kolm.data.blend)
+    data: str | list = ""
     tokenizer: str = ""  # the tokenizer directory the shards were made with
     run_dir: str = ""  # checkpoints, metrics.jsonl and tensorboard go here
     # --- model
     model: str = "phi-1.5"  # preset name (kolm.presets.PRESETS)
     model_overrides: dict = field(default_factory=dict)  # e.g. {num_hidden_layers: 12}
     seq_len: int = 512
+    attention: str = "causal"  # causal | document (no attention across documents inside a window)
     vocab_multiple: int = 64  # embedding rows are the tokenizer vocabulary rounded up to this
     # --- batch layout: the global batch is fixed; gradient accumulation is derived
     global_batch: int = 256
@@ -51,6 +56,11 @@ class RunConfig:
     # --- kernels (same math, any may change between restarts)
     attn_implementation: str = "sdpa"  # sdpa | flash_attention_2 (CUDA, flash-attn package) | eager
     compile: bool = False  # torch.compile each decoder block (on CPU: fp32 only)
+    # --- Weights & Biases (optional: pip install 'kolm[wandb]'); empty project: off
+    wandb_project: str = ""
+    wandb_entity: str = ""
+    wandb_name: str = ""  # default: the run directory's name
+    wandb_mode: str = ""  # online | offline | disabled; empty: follow WANDB_MODE (else online)
     # --- evaluation, logging, checkpoints
     eval_every: int = 10000
     eval_samples: int = 0  # windows of the validation split per evaluation; 0 = all
@@ -77,6 +87,11 @@ class RunConfig:
             raise KolmError(f"`zero_stage` must be 1, 2 or 3, got {self.zero_stage}")
         if self.precision not in ("bf16", "fp32"):
             raise KolmError(f"`precision` must be bf16 or fp32, got {self.precision!r}")
+        if self.attention not in ATTENTION_MODES:
+            raise KolmError(f"`attention` must be one of {', '.join(ATTENTION_MODES)}, got {self.attention!r}")
+        if self.wandb_mode not in WANDB_MODES:
+            raise KolmError(f"`wandb_mode` must be online, offline, disabled or empty, got {self.wandb_mode!r}")
+        parse_sources(self.data)
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise KolmError(f"`attn_implementation` must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, "
                             f"got {self.attn_implementation!r}")
@@ -108,6 +123,8 @@ def _unknown_key(key: str, where: str) -> KolmError:
 
 def _coerce(key: str, value, kind: type, where: str):
     """Check or convert a value to the field's type; the error names key, type and value."""
+    if key == "data":  # one shard directory, or a list of sources (checked by kolm.data.blend)
+        return value if isinstance(value, (str, list)) else _bad(key, value, str, where)
     if kind is bool:
         if isinstance(value, bool):
             return value

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float =
     for known GPUs, else the best measured matmul. On a CPU that is the faster of fp32 and the
     training dtype: CPUs without native bf16 emulate it far below their fp32 peak, and MFU
     measures against what the hardware can do, not against the slow path."""
+    import torch
+
     kind = str(dtype).replace("torch.", "")
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -52,9 +56,13 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float =
     return best[0], f"CPU, {threads} threads, measured {best[1]} matmul"
 
 
-def measured_matmul_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16, seconds: float = 1.0,
+def measured_matmul_flops(device: torch.device, dtype: torch.dtype | None = None, seconds: float = 1.0,
                           n: int = 1024) -> float:
     """Best sustained matmul FLOP/s over ``seconds``: the device's practical peak."""
+    import torch
+
+    if dtype is None:
+        dtype = torch.bfloat16
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     (a @ b).sum().item()

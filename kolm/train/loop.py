@@ -14,8 +14,8 @@ import torch
 
 from kolm.files import atomic_write_json
 from kolm.log import say
-from kolm.model.loss import EvalTotals
-from kolm.train import checkpoint
+from kolm.model.documents import document_inputs
+from kolm.train import checkpoint, evaluation
 from kolm.train.config import RunConfig
 from kolm.train.engine import build_engine, join_process_group
 from kolm.train.hardware import device_peak_flops
@@ -47,7 +47,7 @@ def train(cfg: RunConfig, stop: GracefulStop | None = None) -> int:
             t.record(loss)
             if give_up:
                 return t.finish(EXIT_NONFINITE)
-            eval_loss = t.evaluate() if t.due(cfg.eval_every) and t.setup.valid is not None else None
+            eval_loss = t.evaluate() if t.due(cfg.eval_every) and t.setup.valid else None
             if t.due(cfg.save_every) or stopping:
                 t.save(eval_loss)
             elif t.due(cfg.log_every):
@@ -79,10 +79,11 @@ class Trainer:
             cfg.grad_spike_factor)
         if resume:
             say(f"resuming from {resume.tag}: step {self.state.step}, {self.state.consumed_samples} samples consumed")
-        self.sinks = MetricSinks(self.run_dir, self.rank0, cfg.tensorboard)
+        self.sinks = MetricSinks(self.run_dir, self.rank0, cfg.tensorboard, self._wandb())
         self.sinks.truncate_after(self.state.step)
         self.window = self._step_window()
         self.progress = ProgressDisplay(self.rank0, self.setup.total_steps, self.state.step)
+        self.epochs = self.setup.train.epochs(self.state.consumed_samples)
         self.batches = self.setup.train.rank_batches(self.state.consumed_samples, cfg.global_batch, cfg.micro_batch,
                                                      self.setup.env.rank, self.setup.env.world_size)
 
@@ -104,6 +105,16 @@ class Trainer:
             atomic_write_json(self.run_dir / "ds_config.json", ds_config)
         return build_engine(self.setup.model_config, ds_config, self.cfg.seed, self.cfg.weight_decay,
                             self.cfg.activation_checkpointing, self.cfg.compile)
+
+    def _wandb(self):
+        """Rank 0's W&B run when the recipe names a project (kolm.train.wandb_log)."""
+        if not (self.rank0 and self.cfg.wandb_project):
+            return None
+        from kolm.train.wandb_log import WandbSink
+
+        config = {**self.cfg.to_dict(), "model_config": self.setup.model_config_dict,
+                  "parameters": self.setup.n_params, "world_size": self.setup.env.world_size}
+        return WandbSink(self.run_dir, self.cfg.to_dict(), config)
 
     def _step_window(self) -> StepWindow:
         cfg, setup = self.cfg, self.setup
@@ -127,13 +138,21 @@ class Trainer:
         loss = torch.zeros((), device=self.device)
         for _ in range(self.setup.grad_accum):
             x = to_device(next(self.batches), self.device)
-            micro = self.engine(input_ids=x[:, :-1], targets=x[:, 1:]) / x[:, 1:].numel()
+            micro = self.engine(input_ids=x[:, :-1], targets=x[:, 1:], **self.inputs(x[:, :-1])) / x[:, 1:].numel()
             self.engine.backward(micro)
             self.engine.step()
             loss += micro.detach() / self.setup.grad_accum
         self.state.step += 1
         self.state.consumed_samples += self.cfg.global_batch
         return loss
+
+    def inputs(self, x: torch.Tensor) -> dict:
+        """The forward pass's attention inputs: none for causal attention; document masks and
+        restarted positions for ``attention: document``."""
+        if self.cfg.attention != "document":
+            return {}
+        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float32
+        return document_inputs(x, self.setup.eos_id, self.cfg.attn_implementation, dtype)
 
     def record(self, loss: torch.Tensor) -> None:
         """Keep this step's figures (on the device) for the next flush."""
@@ -160,20 +179,36 @@ class Trainer:
             if spike:
                 say(spike)
             record["grad_norm_spikes"] = watch.spikes
+        if self.setup.blended:
+            self._count_sources(records)
         self.sinks.write(records)
         self.progress.show(records)
+
+    def _count_sources(self, records: list[dict]) -> None:
+        """Samples consumed per source on every record; a source that starts another epoch is said."""
+        blend = self.setup.train
+        for record in records:
+            record.update({f"consumed_samples/{name}": n
+                           for name, n in zip(blend.names, blend.taken(record["consumed_samples"]))})
+        if records:
+            epochs = blend.epochs(records[-1]["consumed_samples"])
+            for name, before, now in zip(blend.names, self.epochs, epochs):
+                if now > before:
+                    say(f"{name}: epoch {now}")
+            self.epochs = epochs
 
     def evaluate(self) -> float:
         """Loss, perplexity and next-token accuracy on the validation split, written as a record."""
         self.flush_metrics(timed=True)
-        metrics = evaluate(self.engine, self.setup, self.cfg, self.device)
+        env = self.setup.env
+        metrics = evaluation.evaluate(self.engine, self.setup.valid, self.cfg.micro_batch, env.rank, env.world_size,
+                                      self.cfg.eval_samples, lambda b: to_device(b, self.device), self.inputs)
         loss = metrics["eval_loss"]
         if self.state.best_eval_loss is None or loss < self.state.best_eval_loss:
             self.state.best_eval_loss = loss
         self.sinks.write([{"kind": "eval", "step": self.state.step,
                            "tokens": self.state.consumed_samples * self.cfg.seq_len, **metrics}])
-        say(f"step {self.state.step}: eval loss {loss:.4f}, perplexity {metrics['eval_perplexity']:.2f}, "
-            f"accuracy {metrics['eval_accuracy']:.4f}")
+        say(f"step {self.state.step}: {evaluation.describe(metrics, list(self.setup.valid))}")
         self.window.restart_clock()
         return loss
 
@@ -216,19 +251,6 @@ class Trainer:
         if self.lock is not None:
             self.lock.release()
         return code
-
-
-def evaluate(engine, setup, cfg: RunConfig, device: torch.device) -> dict:
-    """Loss, perplexity and next-token accuracy on the validation split, streaming."""
-    totals = EvalTotals()
-    engine.eval()
-    with torch.no_grad():
-        for batch in setup.valid.eval_batches(cfg.micro_batch, setup.env.rank, setup.env.world_size,
-                                              cfg.eval_samples or None):
-            x = to_device(batch, device)
-            totals.add(*engine(input_ids=x[:, :-1], targets=x[:, 1:], accuracy=True), x[:, 1:].numel())
-    engine.train()
-    return totals.all_reduce(device).summary()
 
 
 def to_device(batch, device: torch.device) -> torch.Tensor:

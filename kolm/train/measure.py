@@ -4,7 +4,6 @@ DeepSpeed engine (bf16) on this machine's device, started exactly as `kolm train
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass
 
 import torch
 
@@ -13,19 +12,7 @@ from kolm.model.presets import build_config, get_shape
 from kolm.train import distenv, dsconfig
 from kolm.train.config import RunConfig
 from kolm.train.engine import build_engine, join_process_group
-from kolm.train.plan import LAYOUTS, activation_bytes, largest_layer_params, model_state_bytes
-
-
-@dataclass
-class MeasureRequest:
-    """The engine to measure; every default of `kolm plan --measure` lives here."""
-
-    model: str = "phi-1.5"
-    vocab: int = 51200
-    seq_len: int = 512
-    micro_batch: int = 2
-    zero_stage: int = 2
-    activation_checkpointing: bool = False
+from kolm.train.plan import LAYOUTS, MeasureRequest, activation_bytes, largest_layer_params, model_state_bytes
 
 
 def _live_tensor_bytes() -> int:

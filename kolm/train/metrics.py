@@ -130,11 +130,13 @@ def _floats(values: list) -> list[float | None]:
 
 
 class MetricSinks:
-    """metrics.jsonl (always), TensorBoard (when available), on rank 0 only."""
+    """metrics.jsonl (always), TensorBoard (when available) and Weights & Biases (when asked for),
+    on rank 0 only."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, wandb=None):
         self.enabled = enabled
         self.path = run_dir / METRICS_FILE
+        self.wandb = wandb  # a kolm.train.wandb_log.WandbSink, or None
         self.tb = None
         if enabled and tensorboard:
             try:
@@ -158,6 +160,8 @@ class MetricSinks:
             return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        if self.wandb is not None:
+            self.wandb.write(records)
         if self.tb is not None:
             for record in records:
                 self._scalars(record)
@@ -172,6 +176,8 @@ class MetricSinks:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.close()
 
 
 class ProgressDisplay:

@@ -17,8 +17,7 @@ import math
 from dataclasses import dataclass
 
 from kolm.errors import KolmError
-from kolm.model.flops import flops_per_token, parameter_count
-from kolm.model.loss import CHUNK_ELEMENTS
+from kolm.model.flops import CHUNK_ELEMENTS, flops_per_token, parameter_count
 from kolm.model.presets import PhiShape, get_shape, padded_vocab
 from kolm.train.hardware import CARDS
 
@@ -140,6 +139,18 @@ def training_time(shape: PhiShape, vocab: int, seq_len: int, tokens: float, gpus
     """(wall-clock hours, GPU-hours) to train ``tokens`` at ``mfu`` of the bf16 peak."""
     seconds = tokens * flops_per_token(shape, vocab, seq_len) / (gpus * tflops * 1e12 * mfu)
     return seconds / 3600, seconds * gpus / 3600
+
+
+@dataclass
+class MeasureRequest:
+    """The engine `kolm plan --measure` builds (kolm.train.measure); every default lives here."""
+
+    model: str = "phi-1.5"
+    vocab: int = 51200
+    seq_len: int = 512
+    micro_batch: int = 2
+    zero_stage: int = 2
+    activation_checkpointing: bool = False
 
 
 @dataclass

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kolm.data.blend import BlendedDataset, Source, parse_sources
 from kolm.data.manifest import check_tokenizer, load_shard_dir
 from kolm.data.packed import PackedDataset, check_batch_layout
 from kolm.data.tokenizer import load_tokenizer_info
@@ -19,6 +20,7 @@ from kolm.model.flops import flops_per_token, parameter_count
 from kolm.model.presets import PhiShape, build_config, get_shape, padded_vocab, phi_config_dict
 from kolm.train import distenv, dsconfig
 from kolm.train.config import RunConfig
+from kolm.train.wandb_log import check_available
 
 
 @dataclass
@@ -26,36 +28,92 @@ class RunSetup:
     env: distenv.DistEnv
     grad_accum: int
     total_steps: int
-    train: PackedDataset
-    valid: PackedDataset | None
+    train: BlendedDataset  # one source, or several at their weights
+    valid: dict[str, PackedDataset]  # each source's validation split (those that have one)
     model_config: object  # transformers.PhiConfig
     model_config_dict: dict
     ds_config: dict
     flops_per_token: float
     n_params: int
+    eos_id: int
+
+    @property
+    def blended(self) -> bool:
+        return len(self.train.sources) > 1
 
     def describe(self) -> str:
-        return (f"{self.total_steps} steps, gradient accumulation {self.grad_accum} on {self.env.world_size} ranks, "
+        text = (f"{self.total_steps} steps, gradient accumulation {self.grad_accum} on {self.env.world_size} ranks, "
                 f"{self.n_params / 1e6:.1f}M parameters")
+        return text + ("\n" + self.blend_table() if self.blended else "")
+
+    def blend_table(self) -> str:
+        """The sources, their shares, their size, and how many epochs of each the run will see."""
+        samples = self.total_steps * self.train_global_batch
+        rows = [f"  {'source':<20}{'weight':>8}{'tokens':>14}{'windows':>10}{'epochs':>8}"]
+        for name, share, d, taken in zip(self.train.names, self.train.fractions, self.train.datasets,
+                                          self.train.taken(samples)):
+            rows.append(f"  {name:<20}{float(share):>8.3f}{d.total_tokens:>14,}{d.num_samples:>10,}"
+                        f"{taken / d.num_samples:>8.2f}")
+        return "\n".join(rows)
+
+    @property
+    def train_global_batch(self) -> int:
+        return self.ds_config["train_batch_size"]
 
 
 def prepare(cfg: RunConfig) -> RunSetup:
     """Validate the whole run (data, tokenizer, model, batch layout) without touching devices."""
     env = distenv.detect()
     tok = load_tokenizer_info(cfg.tokenizer)
-    check_tokenizer(load_shard_dir(cfg.data), tok.fingerprint(), cfg.tokenizer)
+    sources = parse_sources(cfg.data)
+    check_sources(sources, tok.fingerprint(), cfg.tokenizer)
     grad_accum = check_batch_layout(cfg.global_batch, cfg.micro_batch, env.world_size)
     shape = model_shape(cfg)
     vocab = padded_vocab(tok.vocab_size, cfg.vocab_multiple)
-    train = PackedDataset(cfg.data, "train", cfg.seq_len, cfg.seed)
+    train = BlendedDataset(sources, "train", cfg.seq_len, cfg.seed)
     total = cfg.train_steps or math.ceil(cfg.epochs * train.num_samples / cfg.global_batch)
     positions = shape.max_position_embeddings
     ds_config = dsconfig.build(cfg, env.world_size, grad_accum, total, on_cpu=not torch.cuda.is_available())
     check_kernels(cfg)
-    return RunSetup(env, grad_accum, total, train, _valid_or_none(cfg),
+    if cfg.wandb_project:
+        check_available()
+    return RunSetup(env, grad_accum, total, train, _validation_splits(sources, cfg),
                     build_config(shape, vocab, tok.eos_id, tok.eos_id, positions, cfg.attn_implementation),
                     phi_config_dict(shape, vocab, tok.eos_id, tok.eos_id, positions), ds_config,
-                    flops_per_token(shape, vocab, cfg.seq_len), parameter_count(shape, vocab))
+                    flops_per_token(shape, vocab, cfg.seq_len), parameter_count(shape, vocab), tok.eos_id)
+
+
+def check_sources(sources: list[Source], fingerprint: dict, tokenizer: str) -> None:
+    """Every source exists and was sharded with the recipe's tokenizer (a blend names the source)."""
+    for source in sources:
+        shards = load_shard_dir(source.path) if len(sources) == 1 else _source_dir(source)
+        if len(sources) == 1:
+            check_tokenizer(shards, fingerprint, tokenizer)
+        elif shards.tokenizer != fingerprint:
+            raise KolmError(f"data source {source.label} ({source.path}) was sharded with another tokenizer than "
+                            f"{tokenizer}: its fingerprint {_fingerprint(shards.tokenizer)}, the recipe's "
+                            f"{_fingerprint(fingerprint)}; re-shard it with {tokenizer}, or drop it from the blend")
+
+
+def _source_dir(source: Source):
+    try:
+        return load_shard_dir(source.path)
+    except KolmError as e:
+        raise KolmError(f"data source {source.label}: {e}") from None
+
+
+def _fingerprint(fp: dict) -> str:
+    return f"(sha256 {str(fp.get('sha256'))[:12]}..., vocabulary {fp.get('vocab_size')}, EOS {fp.get('eos_id')})"
+
+
+def _validation_splits(sources: list[Source], cfg: RunConfig) -> dict[str, PackedDataset]:
+    found = {}
+    for source in sources:
+        try:
+            found[source.label] = PackedDataset(source.path, "valid", cfg.seq_len, cfg.seed)
+        except KolmError as e:
+            say(f"no evaluation{f' of {source.label}' if len(sources) > 1 else ''}: {e}")
+    return found
 
 
 def model_shape(cfg: RunConfig) -> PhiShape:
@@ -80,11 +138,3 @@ def check_kernels(cfg: RunConfig) -> None:
     if cfg.compile and not cuda and cfg.precision == "bf16":
         raise KolmError("compile=true on a CPU works in fp32 only: torch's inductor fails to build bf16 kernels for "
                         "these blocks on CPU. Use precision=fp32, or compile=false")
-
-
-def _valid_or_none(cfg: RunConfig) -> PackedDataset | None:
-    try:
-        return PackedDataset(cfg.data, "valid", cfg.seq_len, cfg.seed)
-    except KolmError as e:
-        say(f"no evaluation: {e}")
-        return None
