@@ -24,7 +24,7 @@ from typing import NoReturn
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
-OUT = BENCH / "out"
+OUT = Path(os.environ.get("KOLM_BENCH_OUT") or BENCH / "out")  # scratch: caches, runs (tests point it elsewhere)
 RESULTS = BENCH / "RESULTS.md"
 DEFAULT_CORPUS = ROOT.parent / "shared" / "corpora" / "nsmc-reviews.txt.gz"
 
@@ -62,7 +62,8 @@ def stem(path: Path) -> str:
 
 def prepare_corpus(corpus: Path, lines: int) -> Path:
     """A cached gzip (in ``bench/out/``) of the first ``lines`` lines of ``corpus``."""
-    target = OUT / f"corpus-{stem(corpus)}-{lines}.txt.gz"
+    kind = ".jsonl.gz" if corpus.name.endswith((".jsonl", ".jsonl.gz")) else ".txt.gz"
+    target = OUT / f"corpus-{stem(corpus)}-{lines}{kind}"
     if not target.is_file():
         OUT.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")

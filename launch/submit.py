@@ -1,9 +1,12 @@
-"""Submit `kolm train` to Slurm with submitit, from the command line or from Python.
+"""Submit `kolm train` (and evaluation of its checkpoints) to Slurm with submitit, from the command
+line or from Python.
 
     python -m launch.submit --config RECIPE.yaml --nodes 2 --gpus-per-node 8 [key=value ...]
+    python -m launch.submit --eval RUN_DIR --tasks kobest_boolq,kobest_copa --gpus-per-node 1
 
-    from launch.submit import SubmitOptions, submit
+    from launch.submit import SubmitOptions, submit, submit_eval
     job = submit("recipes/phi-1_5-ko.yaml", ["train_steps=1000"], SubmitOptions(nodes=2))
+    job = submit_eval("runs/phi-1_5-ko", ["kobest_boolq"])
 
 One task per GPU, each running the trainer in-process. Near the time limit Slurm sends USR2 to
 every task (submitit's `slurm_signal_delay_s`); kolm's graceful stop catches it on all ranks,
@@ -166,6 +169,34 @@ def submit(config: str, overrides: list[str], opts: SubmitOptions | None = None)
     return make_executor(opts).submit(KolmTrain(config, overrides))
 
 
+class KolmEval:
+    """The job for `--eval`: lm-evaluation-harness tasks on every checkpoint of a run not yet scored."""
+
+    def __init__(self, run_dir: str, tasks: list[str], limit: int | None, include_path: str | None):
+        self.run_dir, self.tasks, self.limit, self.include_path = run_dir, tasks, limit, include_path
+
+    def __call__(self) -> dict:
+        from kolm.export.harness import HarnessOptions, run_harness
+
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        results = run_harness(self.run_dir, HarnessOptions(self.tasks, self.include_path, self.limit, pending=True))
+        return {"status": "finished", "evaluated": [r.step for r in results]}
+
+
+def submit_eval(run_dir: str, tasks: list[str], opts: SubmitOptions | None = None, limit: int | None = None,
+                include_path: str | None = None):
+    """Submit harness evaluation of a run's pending checkpoints (one task, one GPU unless opts say)."""
+    opts = opts or SubmitOptions(gpus_per_node=1, tasks_per_node=1, job_name="kolm-eval")
+    opts.validate()
+    if not Path(run_dir).is_dir():
+        raise ValueError(f"{run_dir}: no such run directory")
+    if not tasks:
+        raise ValueError("--tasks needs at least one task name")
+    include = str(Path(include_path).resolve()) if include_path else None
+    return make_executor(opts).submit(KolmEval(str(Path(run_dir).resolve()), tasks, limit, include))
+
+
 def _sbatch_pair(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -176,8 +207,14 @@ def _sbatch_pair(text: str) -> tuple[str, str]:
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, SubmitOptions]:
     d = SubmitOptions()
     p = argparse.ArgumentParser(prog="python -m launch.submit", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="recipe YAML")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--config", help="recipe YAML: submit training")
+    what.add_argument("--eval", metavar="RUN_DIR", help="submit lm-evaluation-harness tasks (--tasks) on every "
+                                                        "checkpoint of RUN_DIR not yet scored")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe keys")
+    p.add_argument("--tasks", type=lambda t: [n for n in t.split(",") if n], default=[], help="with --eval")
+    p.add_argument("--limit", type=int, default=None, help="with --eval: examples per task")
+    p.add_argument("--include-path", default=None, help="with --eval: your task YAML files")
     p.add_argument("--nodes", type=int, default=d.nodes)
     p.add_argument("--gpus-per-node", type=int, default=d.gpus_per_node, help="0 on CPU-only nodes")
     p.add_argument("--tasks-per-node", type=int, default=None, help="default: one per GPU")
@@ -210,7 +247,12 @@ def main(argv: list[str] | None = None) -> int:
 
     args, opts = parse_args(argv)
     try:
-        job = submit(args.config, args.overrides, opts)
+        if args.eval:
+            if args.tasks_per_node is None:
+                opts.tasks_per_node = 1  # one process evaluates; the GPU count is the node's
+            job = submit_eval(args.eval, args.tasks, opts, args.limit, args.include_path)
+        else:
+            job = submit(args.config, args.overrides, opts)
     except (KolmError, ValueError) as e:
         print(f"launch.submit: error: {e}", file=sys.stderr)
         return 2
@@ -227,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # submitit re-raises the task's failure with its traceback
         print(f"job {job.job_id} failed: {e}", file=sys.stderr)
         return 1
-    print(f"job {job.job_id}: {result['status']}")
+    print(f"job {job.job_id}: {result['status']}" + (f", evaluated steps {result['evaluated']}" if "evaluated" in
+                                                      result else ""))
     return 0
 
 

@@ -1,18 +1,22 @@
 #!/bin/bash
 # Submit the whole line as one Slurm dependency chain:
 #   [tokenizer] -> shard (array) -> merge -> pretrain (multi-node, requeues itself) -> convert
+#                                                                                   [-> eval]
 #
 #   slurm/pipeline.sh --recipe recipes/phi-1_5-ko.yaml --input corpus/*.jsonl.gz \
 #       --tokenizer work/tokenizer [--vocab-size 32000] --shards work/shards \
-#       --out models/phi-1_5-ko [--shard-tasks 8] [--nodes 4] [--time 24:00:00] [-- key=value ...]
+#       --out models/phi-1_5-ko [--shard-tasks 8] [--nodes 4] [--time 24:00:00] \
+#       [--eval-tasks kobest_boolq,kobest_copa] [-- key=value ...]
 #
 # Run it on a login node, from the directory the job logs should go to (relative paths are
 # relative to it too). The tokenizer is trained first only when
 # --tokenizer does not exist yet (then --vocab-size is required). Everything after `--` overrides
 # recipe keys; data and tokenizer are set from --shards and --tokenizer. Partition, account, the
 # software environment and extra sbatch options per kind of job (KOLM_SBATCH_TRAIN,
-# KOLM_SBATCH_CPU) come from slurm/site.sh. Prints the job ids; each job waits for the
-# previous one to succeed (afterok), so a failure stops the chain.
+# KOLM_SBATCH_CPU, KOLM_SBATCH_EVAL) come from slurm/site.sh. With --eval-tasks, every checkpoint
+# of the run is scored with those lm-evaluation-harness tasks after training (slurm/eval.sbatch).
+# Prints the job ids; each job waits for the previous one to succeed (afterok), so a failure
+# stops the chain.
 set -euo pipefail
 KOLM_HOME=$(dirname "$(dirname "$(readlink -f "$0")")")
 export KOLM_HOME
@@ -20,9 +24,10 @@ export KOLM_HOME
 source "$KOLM_HOME/slurm/site.sh"
 read -r -a train_sbatch <<<"$KOLM_SBATCH_TRAIN"
 read -r -a cpu_sbatch <<<"$KOLM_SBATCH_CPU"
+read -r -a eval_sbatch <<<"${KOLM_SBATCH_EVAL:-}"
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
-recipe= tokenizer= vocab= shards= out= tasks=4 nodes= time= inputs=() overrides=()
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+recipe= tokenizer= vocab= shards= out= tasks=4 nodes= time= eval_tasks= inputs=() overrides=()
 while [[ $# -gt 0 ]]; do
   case $1 in
     --recipe) recipe=$2; shift 2 ;;
@@ -34,6 +39,7 @@ while [[ $# -gt 0 ]]; do
     --shard-tasks) tasks=$2; shift 2 ;;
     --nodes) nodes=$2; shift 2 ;;
     --time) time=$2; shift 2 ;;
+    --eval-tasks) eval_tasks=$2; shift 2 ;;
     --) shift; overrides=("$@"); break ;;
     -h|--help) usage ;;
     *) echo "pipeline: unknown option $1" >&2; usage ;;
@@ -74,4 +80,11 @@ echo "pretrain:  job $train_job (log kolm-pretrain-$train_job.out, run directory
 convert_job=$(sbatch --parsable "${cpu_sbatch[@]}" --dependency="afterok:$train_job" "$KOLM_HOME/slurm/convert.sbatch" \
   "$run_dir" --out "$out")
 echo "convert:   job $convert_job (model in $out)"
-echo "follow with: squeue -u ${USER:-$(id -un)}    cancel all: scancel $shard_job $merge_job $train_job $convert_job"
+jobs="$shard_job $merge_job $train_job $convert_job"
+if [[ -n $eval_tasks ]]; then
+  eval_job=$(sbatch --parsable "${eval_sbatch[@]}" --dependency="afterok:$train_job" "$KOLM_HOME/slurm/eval.sbatch" \
+    "$run_dir" "$eval_tasks")
+  echo "eval:      job $eval_job ($eval_tasks on every checkpoint; results in $run_dir/metrics.jsonl)"
+  jobs="$jobs $eval_job"
+fi
+echo "follow with: squeue -u ${USER:-$(id -un)}    cancel all: scancel $jobs"

@@ -13,6 +13,12 @@
 # (tokenizer, shard, merge, convert), e.g. "--cpus-per-task=64 --mem=128G".
 export KOLM_SBATCH_TRAIN=${KOLM_SBATCH_TRAIN:-}
 export KOLM_SBATCH_CPU=${KOLM_SBATCH_CPU:-}
+# lm-evaluation-harness jobs (slurm/eval.sbatch asks for one GPU), e.g. "--gpus-per-node=0" on CPU nodes.
+export KOLM_SBATCH_EVAL=${KOLM_SBATCH_EVAL:-}
+
+# --- Hugging Face cache on the compute nodes (lm-evaluation-harness datasets, e.g. kobest, kmmlu):
+# download them once where there is internet, into this cache; the eval jobs read it offline.
+# export HF_HOME=/shared/hf-cache
 
 # --- Software environment on the compute nodes.
 # module load cuda/12.4 nccl

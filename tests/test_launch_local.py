@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,3 +50,17 @@ def test_submit_python_api_as_the_readme_shows(tmp_path, shards, tokenizer_dir):
     assert Path(stderr_path).is_file() and job_id in stderr_path
     assert proc.stdout.splitlines()[-1] == "status finished"
     assert [r["step"] for r in train_records(tmp_path / "run")] == list(range(1, 5))
+
+
+def test_submit_eval_scores_a_runs_checkpoints(tmp_path, reference_run):
+    source, _ = reference_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(source, run_dir)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "launch.submit", "--eval", str(run_dir), "--tasks",
+                           "ko_constitution_cloze", "--limit", "4", "--cluster", "local", "--gpus-per-node", "0",
+                           "--cpus-per-task", "1", "--log-dir", str(tmp_path / "logs"), "--wait"],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "evaluated steps [4, 8, 12]" in proc.stdout
+    assert [r["step"] for r in train_records(run_dir, "harness")] == [4, 8, 12]

@@ -90,10 +90,10 @@ def test_no_import_cycle():
 
 
 @pytest.mark.unit
-def test_launchers_only_start_training():
+def test_launchers_only_start_training_and_evaluation():
     for path in (REPO / "launch").rglob("*.py"):
         imported = {i for i in _kolm_imports(path) if i not in BASE}
-        assert all(i.startswith("kolm.train") for i in imported), f"{path}: {sorted(imported)}"
+        assert all(i.startswith(("kolm.train", "kolm.export.harness")) for i in imported), f"{path}: {sorted(imported)}"
 
 
 @pytest.mark.unit

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,11 +20,11 @@ from helpers.slurm_cluster import (
     finished,
     job,
     job_processes,
-    pending,
     restarted,
     sbatch,
     scontrol,
     signal_all,
+    signalled,
     start_cluster,
     time_limit_due,
     wait_job,
@@ -90,7 +91,8 @@ def _freeze_until_warned(env: dict, job_id: str, run_dir: Path, marker: bytes, w
     and let them go once ``warned(pids)`` says Slurm's warning has been sent."""
     wait_for(lambda: bool(train_records(run_dir)), 300, "the first step")
     pids = job_processes(job_id, marker)
-    assert len(pids) == 2, (pids, log.read_text(errors="replace")[-2000:] if log.exists() else "")
+    commands = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:200] for pid in pids}
+    assert len(pids) == 2, (commands, log.read_text(errors="replace")[-2000:] if log.exists() else "")
     signal_all(pids, signal.SIGSTOP)
     try:
         time_limit_due(env, job_id, WARNING_S)
@@ -173,9 +175,9 @@ def test_submitit_launcher_runs_two_nodes_across_a_timeout(tmp_path, cluster, sh
     job_id = proc.stdout.split()[2]
     assert f"tail -f {logs}/{job_id}/{job_id}_0_log.err" in proc.stdout
     log = logs / job_id / f"{job_id}_0_log.err"
-    # submitit's warning (USR2) goes to the tasks themselves: frozen, they hold it pending.
+    # submitit's warning (USR2) goes to the tasks themselves (with a SIGCONT from Slurm).
     _freeze_until_warned(cluster, job_id, tmp_path / "run", b"submitit.core._submit",
-                         lambda pids: all(pending(pid, signal.SIGUSR2) for pid in pids), log)
+                         lambda pids: all(signalled(pid, signal.SIGUSR2) for pid in pids), log)
     _extend_time_limit_after_first_requeue(cluster, job_id, log)
     info = wait_job(cluster, job_id, finished, 600, "finish", log)
     text = log.read_text(errors="replace")
@@ -226,14 +228,14 @@ def test_pipeline_goes_from_corpus_to_a_converted_model(tmp_path, cluster, korea
                           train_steps=6, save_every=3, eval_every=6, eval_samples=16)
     probe, probe_log = container_probe(tmp_path)
     env = {**cluster, "KOLM_SBATCH_TRAIN": " ".join(CPU_TASKS), "KOLM_SBATCH_CPU": "--cpus-per-task=1 --mem=1G",
-           "KOLM_CONTAINER": str(probe)}
+           "KOLM_SBATCH_EVAL": "--gpus-per-node=0 --cpus-per-task=1", "KOLM_CONTAINER": str(probe)}
 
     def pipeline(*overrides: str) -> subprocess.CompletedProcess:
         return subprocess.run(
             [str(REPO / "slurm/pipeline.sh"), "--recipe", str(recipe), "--input", str(korean_corpus),
              "--tokenizer", "tokenizer", "--vocab-size", "1000", "--shards", "shards", "--out", "model",
-             "--shard-tasks", "2", "--nodes", "2", "--", *overrides], env=env, cwd=tmp_path, capture_output=True,
-            text=True)
+             "--shard-tasks", "2", "--nodes", "2", "--eval-tasks", "ko_constitution_cloze", "--", *overrides],
+            env=env, cwd=tmp_path, capture_output=True, text=True)
 
     typo = pipeline("eval_sample=16")
     assert typo.returncode != 0 and "eval_sample" in typo.stderr  # a recipe typo queues nothing
@@ -241,17 +243,37 @@ def test_pipeline_goes_from_corpus_to_a_converted_model(tmp_path, cluster, korea
     proc = pipeline()
     assert proc.returncode == 0, proc.stderr
     jobs = {line.split(":")[0]: line.split()[2] for line in proc.stdout.splitlines() if " job " in line}
-    assert set(jobs) == {"tokenizer", "shard", "merge", "pretrain", "convert"}, proc.stdout
+    assert set(jobs) == {"tokenizer", "shard", "merge", "pretrain", "convert", "eval"}, proc.stdout
     info = wait_job(cluster, jobs["convert"], finished, 900, "run the whole chain")
+    assert wait_job(cluster, jobs["eval"], finished, 600, "score the checkpoints")["JobState"] == "COMPLETED"
+    assert [r["step"] for r in train_records(tmp_path / "run", "harness")] == [3, 6]
     logs = "\n".join(p.read_text(errors="replace") for p in sorted(tmp_path.glob("*.out")))
     assert info["JobState"] == "COMPLETED", logs[-5000:]
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["architectures"] == ["PhiForCausalLM"]
     ran = probe_log.read_text()
     for command in ("kolm tokenizer train", "kolm shard --workers", "kolm shard merge", "kolm train --config",
-                    "kolm convert"):
+                    "kolm convert", "kolm eval"):
         assert f"{sys.executable} -m {command}" in ran, ran  # every job ran inside the "container"
     generated = subprocess.run([sys.executable, "-m", "kolm", "generate", str(tmp_path / "model"), "헌법",
                                 "--max-new-tokens", "5"], env={**cluster, "HF_HUB_OFFLINE": "1"},
                                capture_output=True, text=True)
     assert generated.returncode == 0 and "헌법" in generated.stdout, generated.stderr
+
+
+def test_eval_job_scores_every_checkpoint_once_and_can_be_resubmitted(tmp_path, cluster, reference_run):
+    source, _ = reference_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(source, run_dir)
+    steps = sorted(c.step for c in complete_checkpoints(run_dir / "checkpoints"))
+    logs = []
+    for _ in range(2):  # the second submission finds nothing left to do
+        job_id = sbatch(cluster, "--gpus-per-node=0", "--cpus-per-task=1", REPO / "slurm/eval.sbatch", run_dir,
+                        "ko_constitution_cloze", "--limit", "4", cwd=tmp_path)
+        log = tmp_path / f"kolm-eval-{job_id}.out"
+        info = wait_job(cluster, job_id, finished, 600, "evaluate", log)
+        logs.append(log.read_text(errors="replace"))
+        assert info["JobState"] == "COMPLETED", logs[-1][-3000:]
+    records = train_records(run_dir, "harness")
+    assert [r["step"] for r in records] == steps and all(r["task"] == "ko_constitution_cloze" for r in records)
+    assert "ko_constitution_cloze" in logs[0] and "nothing to evaluate" in logs[1]

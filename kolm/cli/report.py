@@ -21,7 +21,7 @@ def smooth(values: list[float], weight: float) -> list[float]:
     return out
 
 
-def summarize(train: list[dict], evals: list[dict]) -> str:
+def summarize(train: list[dict], evals: list[dict], harness: list[dict] = ()) -> str:
     last = train[-1]
     tail = [r["loss"] for r in train[-min(len(train), 20):] if math.isfinite(r["loss"])]
     lines = [f"steps: {last['step']}, samples: {last['consumed_samples']:,}, tokens: {last['tokens']:,}",
@@ -35,6 +35,9 @@ def summarize(train: list[dict], evals: list[dict]) -> str:
         if evals[0]["step"] < final["step"]:
             lines.append(f"  first evaluation (step {evals[0]['step']}): perplexity {evals[0]['eval_perplexity']:.2f}")
         lines.append(f"  best: loss {best['eval_loss']:.4f} at step {best['step']}")
+        lines += [f"  {name}: loss {final[f'eval_loss/{name}']:.4f}, perplexity {final[f'eval_perplexity/{name}']:.2f}"
+                  for name in sources(final)]
+    lines += _harness_lines(harness)
     speed = [r for r in train if "tokens_per_s" in r]
     if speed:
         tps = statistics.median(r["tokens_per_s"] for r in speed)
@@ -45,6 +48,22 @@ def summarize(train: list[dict], evals: list[dict]) -> str:
     if skipped:
         lines.append(f"skipped steps (non-finite loss or gradient): {skipped}")
     return "\n".join(lines)
+
+
+def sources(record: dict) -> list[str]:
+    """The data sources a blended run's record names (``eval_loss/NAME``)."""
+    return [key.split("/", 1)[1] for key in record if key.startswith("eval_loss/")]
+
+
+def _harness_lines(harness: list[dict]) -> list[str]:
+    """lm-evaluation-harness results, per task: every evaluated step's scores."""
+    lines = []
+    for task in sorted({r["task"] for r in harness}):
+        scores = [r for r in harness if r["task"] == task]
+        shown = ", ".join(f"step {r['step']}: " + " ".join(f"{k} {r[k]:.3f}" for k in ("acc", "acc_norm") if k in r)
+                          for r in scores)
+        lines.append(f"harness {task}: {shown}")
+    return lines
 
 
 def plot(train: list[dict], evals: list[dict], out: Path, title: str) -> list[Path]:
@@ -67,6 +86,9 @@ def _plot_loss(train: list[dict], evals: list[dict], path: Path, title: str) -> 
     if evals:
         ax.plot([r["tokens"] / 1e6 for r in evals], [r["eval_loss"] for r in evals], "o-", color="tab:orange",
                 label="validation")
+        for name in sources(evals[-1]):
+            ax.plot([r["tokens"] / 1e6 for r in evals if f"eval_loss/{name}" in r],
+                    [r[f"eval_loss/{name}"] for r in evals if f"eval_loss/{name}" in r], ".--", label=f"valid: {name}")
     ax.set(xlabel="tokens (millions)", ylabel="cross-entropy loss", title=f"{title}: loss")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -118,6 +140,6 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> tuple[st
     train, evals = metrics.train, metrics.evals
     target = Path(out) if out else run / "report"
     paths = plot(train, evals, target, run.resolve().name)
-    text = summarize(train, evals)
+    text = summarize(train, evals, [r for r in metrics.other if r.get("kind") == "harness"])
     (target / "summary.txt").write_text(text + "\n", encoding="utf-8")
     return text, paths

@@ -79,8 +79,9 @@ class Trainer:
             cfg.grad_spike_factor)
         if resume:
             say(f"resuming from {resume.tag}: step {self.state.step}, {self.state.consumed_samples} samples consumed")
-        self.sinks = MetricSinks(self.run_dir, self.rank0, cfg.tensorboard, self._wandb())
+        self.sinks = MetricSinks(self.run_dir, self.rank0, cfg.tensorboard)
         self.sinks.truncate_after(self.state.step)
+        self.sinks.wandb = self._wandb()  # after the truncation: it mirrors metrics.jsonl
         self.window = self._step_window()
         self.progress = ProgressDisplay(self.rank0, self.setup.total_steps, self.state.step)
         self.epochs = self.setup.train.epochs(self.state.consumed_samples)

@@ -133,10 +133,10 @@ class MetricSinks:
     """metrics.jsonl (always), TensorBoard (when available) and Weights & Biases (when asked for),
     on rank 0 only."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, wandb=None):
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
         self.enabled = enabled
         self.path = run_dir / METRICS_FILE
-        self.wandb = wandb  # a kolm.train.wandb_log.WandbSink, or None
+        self.wandb = None  # a kolm.train.wandb_log.WandbSink, set by the trainer when asked for
         self.tb = None
         if enabled and tensorboard:
             try:

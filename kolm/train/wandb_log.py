@@ -1,8 +1,11 @@
 """Weights & Biases: rank 0 logs what metrics.jsonl holds, with the training step as W&B's step.
 
-A run directory is one W&B run: its id lives in ``RUN_DIR/wandb.json`` beside the highest step
-logged so far, so a resumed run (auto-resume, a requeue, another node count) continues the same
-W&B run, and the steps it replays after its checkpoint are not logged twice. Offline mode
+A run directory is one W&B run: its id lives in ``RUN_DIR/wandb.json``, so a resumed run
+(auto-resume, a requeue, another node count) continues the same W&B run, and metrics.jsonl stays
+the record W&B mirrors: a resumed run first logs the records of metrics.jsonl that W&B does not
+hold (online: from the step the resumed run starts at; offline: above the highest step in the
+run's own offline logs, which lose what was not yet flushed when a process was killed), then the
+steps it trains, each step once. Offline mode
 (``wandb_mode: offline``, or WANDB_MODE=offline) writes under ``RUN_DIR/wandb/`` on nodes without
 internet; ``wandb sync RUN_DIR/wandb/offline-run-*`` uploads every segment later, in order.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import struct
 import uuid
 from pathlib import Path
 
@@ -33,8 +37,51 @@ def check_available() -> None:
 def _numbers(record: dict) -> dict:
     """A record's figures under W&B keys: ``train/loss``, ``eval/eval_loss/books``, ..."""
     kind = record.get("kind", "train")
-    return {f"{kind}/{k}": v for k, v in record.items()
+    prefix = f"harness/{record.get('task')}" if kind == "harness" else kind
+    return {f"{prefix}/{k}": v for k, v in record.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "kind")}
+
+
+BLOCK, HEADER = 32768, 7  # the offline log: leveldb's log format, 32 KiB blocks of 7-byte-headed chunks
+
+
+def _payloads(path: Path):
+    """The serialized records of one offline log (run-ID.wandb); a torn tail ends the read."""
+    data = path.read_bytes()
+    if data[:4] != b":W&B":
+        return
+    pos, pending = 7, b""
+    while pos + HEADER <= len(data):
+        left = BLOCK - pos % BLOCK
+        if left < HEADER:
+            pos += left
+            continue
+        length, kind = struct.unpack_from("<HB", data, pos + 4)
+        if length == 0 and kind == 0:
+            pos += left
+            continue
+        chunk = data[pos + HEADER:pos + HEADER + length]
+        if len(chunk) < length:
+            return
+        pos += HEADER + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            yield pending
+            pending = b""
+
+
+def logged_steps(run_dir: Path, run_id: str) -> list[int]:
+    """Every history step in the run's offline logs under RUN_DIR/wandb, oldest segment first."""
+    from wandb.proto import wandb_internal_pb2
+
+    steps = []
+    for log in sorted(run_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb")):
+        for payload in _payloads(log):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(payload)
+            if record.WhichOneof("record_type") == "history":
+                steps.append(record.history.step.num)
+    return steps
 
 
 class WandbSink:
@@ -43,15 +90,26 @@ class WandbSink:
 
         self.run_dir = run_dir
         state = self._read_state()
-        self.floor = state.get("last_step", -1)  # logged by an earlier process of this run
         mode = settings.get("wandb_mode") or os.environ.get("WANDB_MODE") or "online"
         self.run = wandb.init(project=settings["wandb_project"], entity=settings.get("wandb_entity") or None,
                               name=settings.get("wandb_name") or run_dir.resolve().name,
                               id=state.get("id") or uuid.uuid4().hex[:12], resume="allow", dir=str(run_dir),
                               mode=mode, config=config,
                               settings=wandb.Settings(console="off", x_disable_stats=True, save_code=False))
-        self.last = self.floor
+        offline = logged_steps(run_dir, self.run.id)
+        # Steps W&B already holds from an earlier process of this run are not logged again.
+        self.floor = max(self.run.starting_step - 1, max(offline, default=-1))
         self._save()
+        self.write(self._history())
+
+    def _history(self) -> list[dict]:
+        """metrics.jsonl as it stands (truncated to the resumed checkpoint), in step order."""
+        from kolm.train.metrics import METRICS_FILE, read_metrics
+
+        if not (self.run_dir / METRICS_FILE).is_file():
+            return []
+        found = read_metrics(self.run_dir)
+        return sorted([*found.train, *found.evals, *found.other], key=lambda r: r.get("step", 0))
 
     def _read_state(self) -> dict:
         path = self.run_dir / STATE
@@ -64,18 +122,13 @@ class WandbSink:
                 from None
 
     def _save(self) -> None:
-        atomic_write_json(self.run_dir / STATE, {"id": self.run.id, "last_step": self.last})
+        atomic_write_json(self.run_dir / STATE, {"id": self.run.id, "project": self.run.project})
 
     def write(self, records: list[dict]) -> None:
-        logged = False
         for record in records:
             step = record.get("step", 0)
-            if step <= self.floor:
-                continue  # replayed after a resume: logged before
-            self.run.log(_numbers(record), step=step)
-            self.last, logged = max(self.last, step), True
-        if logged:
-            self._save()
+            if step > self.floor:  # else W&B holds it from an earlier process of this run
+                self.run.log(_numbers(record), step=step)
 
     def close(self) -> None:
         self.run.finish()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -93,16 +94,20 @@ def job_processes(job_id: str, marker: bytes) -> list[int]:
 
 def signal_all(pids: list[int], sig: int) -> None:
     for pid in pids:
-        os.kill(pid, sig)
+        with contextlib.suppress(ProcessLookupError):  # already ended
+            os.kill(pid, sig)
 
 
-def pending(pid: int, sig: int) -> bool:
-    """Whether ``sig`` waits, undelivered, for the (stopped) process ``pid``."""
-    bit = 1 << (sig - 1)
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(("SigPnd:", "ShdPnd:")) and int(line.split()[1], 16) & bit:
-            return True
-    return False
+def signalled(pid: int, sig: int) -> bool:
+    """Whether ``sig`` reached the frozen process ``pid``: pending, or delivered already (Slurm sends
+    SIGCONT with a job step's signals, so the process may have taken it and gone on, or ended)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    pending = int(fields["SigPnd"].split()[0], 16) | int(fields["ShdPnd"].split()[0], 16)
+    return bool(pending & (1 << (sig - 1))) or not fields["State"].strip().startswith("T")
 
 
 def _seconds(text: str) -> int:
