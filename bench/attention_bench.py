@@ -104,9 +104,7 @@ def main(argv: list[str] | None = None) -> int:
              for run in runs for mode in MODES}
     report = format_report(runs, evals, args, common.command_line(".venv/bin/python", "bench/attention_bench.py",
                                                                   argv))
-    print(report)
-    if not args.no_record:
-        common.append_results(report, HEADING, "bench/attention_bench.py")
+    common.publish(report, HEADING, "bench/attention_bench.py", not args.no_record)
     return 0
 
 

@@ -240,6 +240,14 @@ def git_revision() -> str:
 # --------------------------------------------------------------------------- RESULTS.md
 
 
+def publish(report: str, heading: str, script: str, record: bool) -> None:
+    """Print a benchmark's report and, when ``record``, add it to RESULTS.md under ``heading``."""
+    print(report)
+    if record:
+        append_results(report, heading, script)
+        print(f"appended to {RESULTS}", file=sys.stderr)
+
+
 def append_results(block: str, heading: str, script: str, append_only: bool = False) -> None:
     """Add ``block`` to RESULTS.md under ``heading`` (a "## " line; a section this adds says it is
     written by ``script``, newest last): at the end of that section, which is added at the end of the

@@ -186,33 +186,26 @@ def child_seed(corpus: Path, tokenizer: Path, model: str, seq_len: int, smoke: b
     """The seed's training (HF Trainer, per-device batch 4, accumulation 4, padded lines) for a few steps:
     useful (non-padding) tokens per second."""
     import torch
-    from transformers import (
-        AutoTokenizer,
-        DataCollatorForLanguageModeling,
-        PhiForCausalLM,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-    )
+    import transformers as hf
 
     from kolm.model.presets import build_config, get_shape, padded_vocab
 
-    tok = AutoTokenizer.from_pretrained(str(tokenizer))
-    tok.pad_token = tok.eos_token
+    tok = hf.AutoTokenizer.from_pretrained(str(tokenizer))
+    tok.pad_token = tok.eos_token  # as the seed script did
     lines = common.read_lines(corpus)[: 2000 if smoke else 40000]
     enc = tok(lines, truncation=True, max_length=seq_len, return_overflowing_tokens=True)
     samples = [{"input_ids": ids} for ids in enc["input_ids"]]
     config = build_config(get_shape(model), padded_vocab(len(tok)), tok.eos_token_id, tok.eos_token_id, 2048)
     torch.manual_seed(0)
-    timing = _seed_timing(TrainerCallback)()
-    args = TrainingArguments(output_dir=str(common.OUT / "gpu-seed"), per_device_train_batch_size=4,
+    timing = _seed_timing(hf.TrainerCallback)()
+    args = hf.TrainingArguments(output_dir=str(common.OUT / "gpu-seed"), per_device_train_batch_size=4,
                              gradient_accumulation_steps=4, learning_rate=5e-4, weight_decay=0.1,
                              max_steps=4 if smoke else 30, bf16=torch.cuda.is_available(), logging_steps=1000,
                              save_strategy="no", report_to=[], dataloader_num_workers=0, use_cpu=smoke)
-    model_obj = PhiForCausalLM(config)
+    model_obj = hf.PhiForCausalLM(config)
     model_obj.register_forward_pre_hook(timing.count, with_kwargs=True)
-    Trainer(model=model_obj, args=args, train_dataset=samples, callbacks=[timing],
-            data_collator=DataCollatorForLanguageModeling(tok, mlm=False)).train()
+    hf.Trainer(model=model_obj, args=args, train_dataset=samples, callbacks=[timing],
+               data_collator=hf.DataCollatorForLanguageModeling(tok, mlm=False)).train()
     return timing.report(warmup=1 if smoke else 5)
 
 
@@ -368,10 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     opts.vocab = padded_vocab(load_tokenizer_info(opts.tokenizer).vocab_size)  # kolm's and the seed's LM head
     flash = importlib.util.find_spec("flash_attn") is not None and not opts.smoke
     points, seed, skipped = run_all(opts, make_plan(opts.smoke), flash)
-    report = format_report(points, seed, skipped, opts)
-    print(report)
-    if not opts.no_record:
-        common.append_results(report, HEADING, "bench/gpu_bench.py")
+    common.publish(format_report(points, seed, skipped, opts), HEADING, "bench/gpu_bench.py", not opts.no_record)
     return 0 if any(p.tokens_per_s for p in points) else 1
 
 

@@ -189,9 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  round {r + 1} {method}: peak {runs[-1].peak_rss / 2**30:.2f} GiB, "
               f"{runs[-1].tokens_per_s:,.0f} tokens/s", file=sys.stderr)
     report = format_report(runs, args, common.command_line(".venv/bin/python", "bench/loss_bench.py", argv))
-    print(report)
-    if not args.no_record:
-        common.append_results(report, HEADING, "bench/loss_bench.py")
+    common.publish(report, HEADING, "bench/loss_bench.py", not args.no_record)
     return 0
 
 

@@ -13,24 +13,9 @@ import pytest
 from helpers.cli import run_kolm
 from helpers.dist import Ranks, run_ranks, train_records, wait_for, write_recipe
 
-from kolm.train.wandb_log import STATE, _payloads, logged_steps
+from kolm.train.wandb_log import STATE, history
 
 WANDB = {"wandb_project": "kolm-tests", "wandb_mode": "offline"}
-
-
-def _rows(run_dir, run_id: str) -> list[dict]:
-    """The history rows of every offline segment of the run, oldest first."""
-    from wandb.proto import wandb_internal_pb2
-
-    rows = []
-    for log in sorted(run_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb")):
-        for payload in _payloads(log):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(payload)
-            if record.WhichOneof("record_type") == "history":
-                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                             for item in record.history.item})
-    return rows
 
 
 @pytest.mark.dist
@@ -49,9 +34,9 @@ def test_a_killed_and_resumed_run_logs_every_step_once_to_one_wandb_run(tmp_path
     assert codes == [0, 0] and re.search(r"resuming from global_step(4|8):", out), out[-3000:]
     assert json.loads((run_dir / STATE).read_text())["id"] == run_id  # the same W&B run
     assert len(list(run_dir.glob(f"wandb/offline-run-*-{run_id}"))) == 2  # one segment per process
-    steps = collections.Counter(logged_steps(run_dir, run_id))
+    steps = collections.Counter(row["_step"] for row in history(run_dir, run_id))
     assert sorted(steps) == list(range(1, 13)) and set(steps.values()) == {1}, steps
-    rows = {row["_step"]: row for row in _rows(run_dir, run_id)}
+    rows = {row["_step"]: row for row in history(run_dir, run_id)}
     want = {r["step"]: r["loss"] for r in train_records(reference)}
     assert {s: row["train/loss"] for s, row in rows.items()} == pytest.approx(want)
     assert rows[6]["eval/eval_loss"] == pytest.approx(train_records(reference, "eval")[0]["eval_loss"])

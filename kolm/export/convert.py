@@ -110,8 +110,8 @@ class ConversionReport:
     max_logit_error: float
 
     def __str__(self) -> str:
-        return (f"model written to {self.out} from {self.checkpoint} ({self.dtype}); verified: max logit "
-                f"difference {self.max_logit_error:.2e} against the consolidated fp32 weights")
+        verified = f"verified: max logit difference {self.max_logit_error:.2e} against the consolidated fp32 weights"
+        return f"model written to {self.out} from {self.checkpoint} ({self.dtype}); {verified}"
 
 
 def convert(src: str, out: str, tag: str | None = None, best: bool = False, dtype: str = "bf16",

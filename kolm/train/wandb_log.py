@@ -70,18 +70,21 @@ def _payloads(path: Path):
             pending = b""
 
 
-def logged_steps(run_dir: Path, run_id: str) -> list[int]:
-    """Every history step in the run's offline logs under RUN_DIR/wandb, oldest segment first."""
+def history(run_dir: Path, run_id: str) -> list[dict]:
+    """Every history row (``_step`` and the logged keys) of the run's offline logs under RUN_DIR/wandb,
+    oldest segment first."""
     from wandb.proto import wandb_internal_pb2
 
-    steps = []
+    rows = []
     for log in sorted(run_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb")):
         for payload in _payloads(log):
             record = wandb_internal_pb2.Record()
             record.ParseFromString(payload)
             if record.WhichOneof("record_type") == "history":
-                steps.append(record.history.step.num)
-    return steps
+                rows.append({"_step": record.history.step.num,
+                             **{item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                                for item in record.history.item}})
+    return rows
 
 
 class WandbSink:
@@ -96,7 +99,7 @@ class WandbSink:
                               id=state.get("id") or uuid.uuid4().hex[:12], resume="allow", dir=str(run_dir),
                               mode=mode, config=config,
                               settings=wandb.Settings(console="off", x_disable_stats=True, save_code=False))
-        offline = logged_steps(run_dir, self.run.id)
+        offline = [row["_step"] for row in history(run_dir, self.run.id)]
         # Steps W&B already holds from an earlier process of this run are not logged again.
         self.floor = max(self.run.starting_step - 1, max(offline, default=-1))
         self._save()
