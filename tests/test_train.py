@@ -169,3 +169,30 @@ def test_check_catches_layout_and_data_errors_before_any_process_group(tmp_path,
     mismatch = _check(recipe, f"tokenizer={other_tokenizer}")
     assert mismatch.returncode == 2 and "does not match the tokenizer of" in mismatch.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("stage", [1, 3])
+def test_compiled_blocks_train_to_the_same_losses(tmp_path, shards, tokenizer_dir, stage):
+    runs = {}
+    for compiled in (False, True):
+        run_dir = tmp_path / f"run-{compiled}"
+        recipe = write_recipe(tmp_path / f"r-{compiled}.yaml", shards, tokenizer_dir, run_dir, zero_stage=stage,
+                              precision="fp32", compile=compiled, train_steps=4, save_every=4, eval_every=4)
+        codes, out = run_ranks(2, recipe, log_dir=tmp_path / f"logs-{compiled}", timeout=900)
+        assert codes == [0, 0], out[-3000:]
+        runs[compiled] = [r["loss"] for r in train_records(run_dir)]
+    assert runs[True] == pytest.approx(runs[False], rel=1e-4)
+
+
+@pytest.mark.cli
+def test_check_refuses_kernels_this_machine_cannot_run(tmp_path, shards, tokenizer_dir):
+    recipe = write_recipe(tmp_path / "r.yaml", shards, tokenizer_dir, tmp_path / "run")
+    flash = _check(recipe, "attn_implementation=flash_attention_2")
+    assert flash.returncode == 2 and "flash_attention_2 needs a CUDA GPU" in flash.stderr
+    typo = _check(recipe, "attn_implementation=flash")
+    assert typo.returncode == 2 and "must be one of sdpa, flash_attention_2, eager" in typo.stderr
+    compiled = _check(recipe, "compile=true", "precision=bf16")
+    assert compiled.returncode == 2 and "compile=true on a CPU works in fp32 only" in compiled.stderr
+    assert _check(recipe, "compile=true", "precision=fp32").returncode == 0
+    assert not (tmp_path / "run").exists()
