@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,10 +37,12 @@ def extensions_root() -> Path:
     configured = os.environ.get("TORCH_EXTENSIONS_DIR")
     if configured:
         return Path(configured)
-    from torch.utils.cpp_extension import get_default_build_root
+    import torch
 
+    build = f"py{sys.version_info.major}{sys.version_info.minor}_" + (
+        f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu")
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    root = cache / "kolm" / "torch_extensions" / Path(get_default_build_root()).name
+    root = cache / "kolm" / "torch_extensions" / build
     os.environ["TORCH_EXTENSIONS_DIR"] = str(root)
     return root
 
