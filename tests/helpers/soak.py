@@ -4,8 +4,10 @@ check after every kill that what resume would pick is a complete, loadable check
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,13 +50,24 @@ def _saving(ckpt_dir: Path) -> bool:
 
 def _wait_for_moment(ranks: Ranks, strategy: str, run_dir: Path, total_steps: int, rng: random.Random,
                      resumed: bool, timeout: float) -> bool:
-    """Wait for the moment to kill; False when the run ended first.
+    """Wait for the moment to kill and freeze the ranks there (SIGSTOP: nothing moves on between the
+    moment and the kill, however fast the machine); False when the run ended first.
 
-    startup: a random moment while the processes import and the engine starts; random_step: just
-    after a random step; during_save: while a checkpoint is being written; after_resume: within
-    the first steps after a resume."""
+    startup: a random moment while the processes import and the engine starts (at the latest when
+    this attempt logs its first step); random_step: just after a random step; during_save: while a
+    checkpoint is being written; after_resume: within the first steps after a resume."""
+    found = _moment(ranks, strategy, run_dir, total_steps, rng, resumed, timeout)
+    if found:
+        for proc in ranks.procs:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGSTOP)
+    return found
+
+
+def _moment(ranks: Ranks, strategy: str, run_dir: Path, total_steps: int, rng: random.Random, resumed: bool,
+            timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    kill_at = time.monotonic() + rng.uniform(0.5, 10.0) if strategy == "startup" else None
+    kill_at = time.monotonic() + rng.uniform(0.3, 6.0) if strategy == "startup" else None
     start_steps = _steps(run_dir)
     # A few steps at most, so that the kills spread over the whole run.
     target = min(start_steps + rng.randint(1, 6), total_steps - 1)
@@ -64,20 +77,20 @@ def _wait_for_moment(ranks: Ranks, strategy: str, run_dir: Path, total_steps: in
     while time.monotonic() < deadline:
         if not _running(ranks):
             return False
-        if kill_at is not None and time.monotonic() >= kill_at:
+        if kill_at is not None and (time.monotonic() >= kill_at or _steps(run_dir) > start_steps):
             return True
         if strategy == "during_save" and _saving(run_dir / "checkpoints"):
-            time.sleep(rng.uniform(0.0, 0.03))
+            time.sleep(rng.uniform(0.0, 0.01))
             return True
         if strategy == "random_step" and _steps(run_dir) >= target:
-            time.sleep(rng.uniform(0.0, 0.2))
+            time.sleep(rng.uniform(0.0, 0.05))
             return True
         if strategy == "after_resume":
             if seen_resume is None and "resuming from" in ranks.output():
                 seen_resume = _steps(run_dir)
             elif seen_resume is not None and _steps(run_dir) >= seen_resume + rng.randint(0, 2):
                 return True
-        time.sleep(0.01)
+        time.sleep(0.002 if strategy == "during_save" else 0.01)
     return _running(ranks)
 
 
