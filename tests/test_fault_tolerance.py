@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from helpers.cli import run_kolm
-from helpers.dist import run_ranks, train_records, write_recipe
+from helpers.dist import run_ranks, train_records, workers_of, write_recipe
 
 from kolm.files import sha256_file
 from kolm.train.checkpoint import complete_checkpoints, find_resume, why_incomplete
@@ -210,9 +211,14 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, finished
         while not complete_checkpoints(run / "checkpoints"):
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.02)
+        workers = workers_of(proc.pid)
+        for pid in workers:  # frozen while the disk fills, so the next checkpoint meets a full disk
+            os.kill(pid, signal.SIGSTOP)
         # Leave room for metrics lines, not for another checkpoint.
         with open(filler, "wb") as f:
             f.write(b"\0" * (shutil.disk_usage(disk).free - 256 * 1024))
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
         code = proc.wait(300)
         text = log.read_text(errors="replace")
         assert code != 0, text[-3000:]

@@ -7,7 +7,6 @@ import collections
 import json
 import os
 import re
-import signal
 
 import pytest
 from helpers.cli import run_kolm
@@ -26,9 +25,7 @@ def test_a_killed_and_resumed_run_logs_every_step_once_to_one_wandb_run(tmp_path
     recipe = write_recipe(tmp_path / "r.yaml", shards, tokenizer_dir, run_dir, **WANDB)
     ranks = Ranks(2, recipe, log_dir=tmp_path / "first")
     wait_for(lambda: len(train_records(run_dir)) >= 6, 300, "step 6")
-    for proc in ranks.procs:  # frozen at once, so the kill lands mid-run on any machine
-        proc.send_signal(signal.SIGSTOP)
-    ranks.kill_all()
+    ranks.freeze_and_kill()
     run_id = json.loads((run_dir / STATE).read_text())["id"]
     codes, out = run_ranks(2, recipe, log_dir=tmp_path / "resumed")
     assert codes == [0, 0] and re.search(r"resuming from global_step(4|8):", out), out[-3000:]

@@ -66,7 +66,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run_bitwise(tmp_path, shards
     ranks = Ranks(2, recipe, log_dir=tmp_path / "logs1")
     # Kill hard once step 6 is logged: global_step4 is complete, steps 5-6 are lost work.
     wait_for(lambda: len(train_records(run_dir)) >= 6, 600, "step 6")
-    ranks.kill_all()
+    ranks.freeze_and_kill()
     assert (run_dir / "checkpoints" / "global_step4" / MARKER).is_file()
     codes, out = run_ranks(2, recipe, log_dir=tmp_path / "logs2")
     assert codes == [0, 0], out[-3000:]
@@ -114,7 +114,11 @@ def test_signal_to_one_rank_checkpoints_all_and_exits_for_requeue(tmp_path, shar
                           eval_every=100)
     ranks = Ranks(2, recipe, log_dir=tmp_path / "logs1")
     wait_for(lambda: len(train_records(run_dir)) >= 2, 600, "step 2")
+    for rank in (0, 1):  # frozen while the signal is sent, so a fast machine cannot finish first
+        ranks.signal_rank(rank, signal.SIGSTOP)
     ranks.signal_rank(1, signal.SIGUSR1)
+    for rank in (0, 1):
+        ranks.signal_rank(rank, signal.SIGCONT)
     codes = ranks.wait()
     assert codes == [EXIT_REQUEUE, EXIT_REQUEUE], ranks.output()[-3000:]
     ckpts = complete_checkpoints(run_dir / "checkpoints")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -83,6 +84,14 @@ class Ranks:
         for p in self.procs:
             p.wait()
 
+    def freeze_and_kill(self) -> None:
+        """SIGKILL every rank where it stands now: frozen first (SIGSTOP), so that on a fast machine
+        the run cannot take more steps (or finish) between the test's decision and the kill."""
+        for p in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGSTOP)
+        self.kill_all()
+
     def output(self) -> str:
         return "\n".join(log.read_text(errors="replace") for log in self.logs)
 
@@ -116,3 +125,32 @@ def wait_for(predicate, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.2)
+
+
+def children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def workers_of(launcher: int) -> list[int]:
+    """The `kolm train` processes under a launcher's pid (DeepSpeed's runner has a `launch` process
+    between, and passes --local_rank before the subcommand)."""
+    found, frontier = [], [launcher]
+    while frontier:
+        pid = frontier.pop()
+        for child in children(pid):
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            worker = b"-m kolm " in cmdline and b" train " in cmdline and b"launcher" not in cmdline
+            (found if worker else frontier).append(child)
+    return found
