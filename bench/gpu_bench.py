@@ -64,10 +64,22 @@ class Plan:
     warmup: int
     dtype: str
     groups: list[Group] = field(default_factory=list)
+    torch_adam: bool = False  # PyTorch's AdamW instead of DeepSpeed's JIT-built FusedAdam
 
 
-def make_plan(smoke: bool) -> Plan:
-    """The groups in order of importance (the budget cuts from the end)."""
+def parse_groups(text: str) -> list[Group]:
+    """``phi-1.5:2048:8,phi-160m:512``: model, sequence length and, optionally, one micro batch."""
+    groups = []
+    for item in filter(None, text.split(",")):
+        model, seq, *mb = item.split(":")
+        groups.append(Group(model, int(seq), micro_batches=tuple(int(m) for m in mb) or LADDER))
+    return groups
+
+
+def make_plan(smoke: bool, only: str = "") -> Plan:
+    """The groups in order of importance (the budget cuts from the end), or ``only`` those named."""
+    if only:
+        return Plan(smoke, 8, 3, "fp32" if smoke else "bf16", parse_groups(only))
     if smoke:
         # The compiled point follows from the ladder (variants); fp32, as inductor builds no bf16 kernels
         # for these blocks on CPU.
@@ -88,7 +100,7 @@ def variants(best: Point, flash: bool) -> list[Group]:
 # --------------------------------------------------------------------------- child: kolm's step
 
 
-def _engine(group: Group, micro_batch: int, dtype: str, vocab: int):
+def _engine(group: Group, micro_batch: int, dtype: str, vocab: int, torch_adam: bool):
     import torch
 
     from kolm.model.presets import build_config, get_shape
@@ -99,7 +111,7 @@ def _engine(group: Group, micro_batch: int, dtype: str, vocab: int):
     cfg = RunConfig(model=group.model, seq_len=group.seq_len, global_batch=micro_batch, micro_batch=micro_batch,
                     zero_stage=2, precision=dtype, warmup_steps=1, attn_implementation=group.attn,
                     compile=group.compile)
-    ds_config = dsconfig.build(cfg, 1, 1, 1000, on_cpu=not torch.cuda.is_available())
+    ds_config = dsconfig.build(cfg, 1, 1, 1000, on_cpu=torch_adam or not torch.cuda.is_available())
     config = build_config(get_shape(group.model), vocab, 0, 0, group.seq_len, group.attn)
     return build_engine(config, ds_config, 0, cfg.weight_decay, False, group.compile)
 
@@ -143,7 +155,7 @@ def measure_point(group: Group, micro_batch: int, plan: Plan, vocab: int, peak: 
         torch.cuda.reset_peak_memory_stats()
     engine = None
     try:
-        engine = _engine(group, micro_batch, plan.dtype, vocab)
+        engine = _engine(group, micro_batch, plan.dtype, vocab, plan.torch_adam)
         step = _timed_steps(engine, micro_batch, group.seq_len, vocab, plan.warmup, plan.steps)
         point.tokens_per_s = micro_batch * group.seq_len / step
         point.mfu = point.tokens_per_s * flops_per_token(get_shape(group.model), vocab, group.seq_len) / peak
@@ -264,7 +276,7 @@ def run_all(opts: argparse.Namespace, plan: Plan, flash: bool) -> tuple[list[Poi
             skipped.append(f"{group.model} seq {group.seq_len} {group.attn}{' compiled' if group.compile else ''}")
             continue
         result = run_child(["--child-group", json.dumps(asdict(group)), "--vocab", str(opts.vocab),
-                            *(["--smoke"] if opts.smoke else [])], left)
+                            *(["--smoke"] if opts.smoke else []), *(["--torch-adam"] if opts.torch_adam else [])], left)
         got = [Point(**p) for p in result.get("points", [])] or [Point(group.model, group.seq_len, group.attn,
                                                                         group.compile, 0, error=result.get("error"))]
         points += got
@@ -284,7 +296,8 @@ def format_report(points: list[Point], seed: dict | None, skipped: list[str], op
              f"{common.library_versions(['torch', 'deepspeed', 'transformers', 'flash-attn'])}",
              f"- kolm revision: {common.git_revision()}; command: `{opts.command}`",
              f"- kolm: one process, DeepSpeed ZeRO-2, fused loss, random token windows (every token useful), "
-             f"{opts.vocab:,} embedding rows; MFU against the card's data-sheet bf16 peak", "",
+             f"{opts.vocab:,} embedding rows, {'PyTorch AdamW' if opts.torch_adam else 'DeepSpeed FusedAdam'}; "
+             f"MFU against the card's data-sheet bf16 peak", "",
              "| model | seq | attention | compiled | micro batch | tokens/s | MFU | peak GiB | note |",
              "|---|--:|---|---|--:|--:|--:|--:|---|"]
     for p in points:
@@ -323,6 +336,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=420.0, help="seconds for all measurements (default 420)")
     p.add_argument("--no-seed", action="store_true", help="skip the seed recipe")
     p.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
+    p.add_argument("--groups", default="", help="only these points, in order: MODEL:SEQ[:MICRO_BATCH],... "
+                   "(default: phi-1.5 and phi-160m at 2048 and 512, climbing micro batches)")
+    p.add_argument("--torch-adam", action="store_true", help="PyTorch's AdamW instead of DeepSpeed's FusedAdam "
+                   "(where the CUDA op cannot be built)")
     p.add_argument("--child-group", help=argparse.SUPPRESS)
     p.add_argument("--child-seed", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--seed-model", help=argparse.SUPPRESS)
@@ -338,6 +355,7 @@ def child_main(opts: argparse.Namespace) -> None:
         return
     group = Group(**{**json.loads(opts.child_group), "micro_batches": tuple(json.loads(opts.child_group)
                                                                                 ["micro_batches"])})
+    plan.torch_adam = opts.torch_adam
     points = child_group(group, plan, opts.vocab)
     print(json.dumps({"points": [asdict(p) for p in points]}))
 
@@ -360,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
 
     opts.vocab = padded_vocab(load_tokenizer_info(opts.tokenizer).vocab_size)  # kolm's and the seed's LM head
     flash = importlib.util.find_spec("flash_attn") is not None and not opts.smoke
-    points, seed, skipped = run_all(opts, make_plan(opts.smoke), flash)
+    points, seed, skipped = run_all(opts, make_plan(opts.smoke, opts.groups), flash)
     common.publish(format_report(points, seed, skipped, opts), HEADING, "bench/gpu_bench.py", not opts.no_record)
     return 0 if any(p.tokens_per_s for p in points) else 1
 

@@ -12,12 +12,18 @@ loading, so a torch lock file found there was left by a dead process and is remo
 The ops are built in a cache of kolm's own (``$XDG_CACHE_HOME/kolm/torch_extensions/...``, set as
 TORCH_EXTENSIONS_DIR unless the user set one), so that clearing a stale lock can never touch a
 live build of another DeepSpeed program sharing torch's default cache.
+
+DeepSpeed's builder reads TORCH_CUDA_ARCH_LIST but cannot parse the architecture-specific entries
+that PyTorch's own CUDA images put there (``9.0a`` on Hopper, ``10.0f``): every op build then fails
+with ``invalid literal for int()``. kolm hands DeepSpeed the plain numbers instead; its ops use no
+architecture-specific instructions.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,10 +31,28 @@ from pathlib import Path
 
 from kolm.log import say
 
-# The ops DeepSpeed builds at start-up on the accelerators kolm runs on (CPU: shared-memory
-# collectives). Ops that are missing or incompatible here are skipped, as DeepSpeed does.
-START_UP_OPS = ("ShareMemCommBuilder",)
+# The ops DeepSpeed builds while kolm starts, per accelerator: shared-memory collectives on CPU,
+# the fused Adam of kolm's optimizer on GPUs. Ops that are missing or incompatible here are
+# skipped, as DeepSpeed does.
+START_UP_OPS = {"cpu": ("ShareMemCommBuilder",), "cuda": ("FusedAdamBuilder",)}
 GUARD_NAME = ".kolm-jit.lock"
+_ARCH_SUFFIX = re.compile(r"^(\d+\.\d+)[a-z]+(\+PTX)?$")
+
+
+def deepspeed_arch_list(value: str) -> str:
+    """TORCH_CUDA_ARCH_LIST as DeepSpeed's builder can parse it: ``8.0 9.0a+PTX`` -> ``8.0;9.0+PTX``."""
+    entries = [e for e in value.replace(" ", ";").split(";") if e]
+    plain = [(m.group(1) + (m.group(2) or "")) if (m := _ARCH_SUFFIX.match(e)) else e for e in entries]
+    return ";".join(dict.fromkeys(plain))
+
+
+def fix_arch_list() -> None:
+    """Rewrite TORCH_CUDA_ARCH_LIST, where needed, to what DeepSpeed can build for (said once)."""
+    value = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    fixed = deepspeed_arch_list(value)
+    if fixed != value.replace(" ", ";"):
+        say(f"TORCH_CUDA_ARCH_LIST={value!r} has entries DeepSpeed cannot build for; using {fixed!r}")
+        os.environ["TORCH_CUDA_ARCH_LIST"] = fixed
 
 
 def extensions_root() -> Path:
@@ -69,8 +93,10 @@ def load_start_up_ops() -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    root = extensions_root()  # also for the ops DeepSpeed builds later (fused Adam on GPUs)
-    builders = [get_accelerator().create_op_builder(name) for name in START_UP_OPS]
+    root = extensions_root()  # also for any op DeepSpeed builds later
+    fix_arch_list()
+    names = START_UP_OPS.get(get_accelerator().device_name(), ())
+    builders = [get_accelerator().create_op_builder(name) for name in names]
     builders = [b for b in builders if b is not None and deepspeed.ops.__compatible_ops__.get(b.NAME, False)]
     if not builders:
         return
