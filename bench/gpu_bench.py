@@ -69,17 +69,27 @@ class Plan:
 
 def parse_groups(text: str) -> list[Group]:
     """``phi-1.5:2048:8,phi-160m:512``: model, sequence length and, optionally, one micro batch."""
+    from kolm.model.presets import get_shape
+
     groups = []
     for item in filter(None, text.split(",")):
-        model, seq, *mb = item.split(":")
-        groups.append(Group(model, int(seq), micro_batches=tuple(int(m) for m in mb) or LADDER))
+        model, *numbers = item.split(":")
+        if len(numbers) not in (1, 2) or not all(n.isdigit() and int(n) > 0 for n in numbers):
+            raise ValueError(f"--groups: {item!r} is not MODEL:SEQ or MODEL:SEQ:MICRO_BATCH (e.g. phi-1.5:2048:8)")
+        get_shape(model)  # an unknown preset is refused here, not in a child
+        groups.append(Group(model, int(numbers[0]), micro_batches=tuple(map(int, numbers[1:])) or LADDER))
     return groups
 
 
 def make_plan(smoke: bool, only: str = "") -> Plan:
     """The groups in order of importance (the budget cuts from the end), or ``only`` those named."""
+    plan = _default_plan(smoke)
     if only:
-        return Plan(smoke, 8, 3, "fp32" if smoke else "bf16", parse_groups(only))
+        plan.groups = parse_groups(only)
+    return plan
+
+
+def _default_plan(smoke: bool) -> Plan:
     if smoke:
         # The compiled point follows from the ladder (variants); fp32, as inductor builds no bf16 kernels
         # for these blocks on CPU.
@@ -291,12 +301,13 @@ def run_all(opts: argparse.Namespace, plan: Plan, flash: bool) -> tuple[list[Poi
 def format_report(points: list[Point], seed: dict | None, skipped: list[str], opts: argparse.Namespace) -> str:
     import torch
 
+    optimizer = "PyTorch AdamW" if opts.torch_adam or not torch.cuda.is_available() else "DeepSpeed FusedAdam"
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({common.cpu_model()})"
     lines = [f"### {common.timestamp(utc=True)}", "", f"- device: {card}; "
              f"{common.library_versions(['torch', 'deepspeed', 'transformers', 'flash-attn'])}",
              f"- kolm revision: {common.git_revision()}; command: `{opts.command}`",
              f"- kolm: one process, DeepSpeed ZeRO-2, fused loss, random token windows (every token useful), "
-             f"{opts.vocab:,} embedding rows, {'PyTorch AdamW' if opts.torch_adam else 'DeepSpeed FusedAdam'}; "
+             f"{opts.vocab:,} embedding rows, {optimizer}; "
              f"MFU against the card's data-sheet bf16 peak", "",
              "| model | seq | attention | compiled | micro batch | tokens/s | MFU | peak GiB | note |",
              "|---|--:|---|---|--:|--:|--:|--:|---|"]
@@ -367,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     if opts.child_group or opts.child_seed:
         child_main(opts)
         return 0
+    try:
+        plan = make_plan(opts.smoke, opts.groups)
+    except Exception as e:  # a malformed --groups or an unknown preset
+        common.die(str(e))
     if not opts.corpus.is_file():
         common.die(f"no corpus at {opts.corpus}; pass --corpus PATH (one document per line, .txt or .txt.gz)")
     opts.command = common.command_line("python", "bench/gpu_bench.py", argv)
@@ -378,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
 
     opts.vocab = padded_vocab(load_tokenizer_info(opts.tokenizer).vocab_size)  # kolm's and the seed's LM head
     flash = importlib.util.find_spec("flash_attn") is not None and not opts.smoke
-    points, seed, skipped = run_all(opts, make_plan(opts.smoke, opts.groups), flash)
+    points, seed, skipped = run_all(opts, plan, flash)
     common.publish(format_report(points, seed, skipped, opts), HEADING, "bench/gpu_bench.py", not opts.no_record)
     return 0 if any(p.tokens_per_s for p in points) else 1
 

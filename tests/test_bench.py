@@ -14,13 +14,37 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_gpu_bench_smoke_runs_every_stage_on_cpu(tmp_path, korean_corpus):
-    env = {**os.environ, "KOLM_BENCH_OUT": str(tmp_path / "out"), "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run([sys.executable, "bench/gpu_bench.py", "--smoke", "--no-record", "--corpus",
-                           str(korean_corpus), "--budget", "400"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=900)
+    proc = _gpu_bench(tmp_path, "--corpus", str(korean_corpus), "--budget", "400")
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| phi-tiny")]
     measured = [row for row in rows if row.split("|")[6].strip() != "-"]
     assert len(measured) >= 3, proc.stdout  # the micro-batch ladder and a compiled point
     assert any("| yes |" in row for row in measured)  # compiled blocks ran (fp32 on CPU)
     assert "useful tokens/s; kolm/seed" in proc.stdout, proc.stdout
+
+
+def _gpu_bench(tmp_path, *args):
+    env = {**os.environ, "KOLM_BENCH_OUT": str(tmp_path / "out"), "OMP_NUM_THREADS": "2"}
+    return subprocess.run([sys.executable, "bench/gpu_bench.py", "--smoke", "--no-record", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_gpu_bench_measures_only_the_named_points(tmp_path, korean_corpus):
+    proc = _gpu_bench(tmp_path, "--corpus", str(korean_corpus), "--no-seed", "--torch-adam",
+                      "--groups", "phi-tiny:32:2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    rows = [[c.strip() for c in line.split("|")[1:6]] for line in proc.stdout.splitlines()
+            if line.startswith("| phi-")]
+    assert rows == [["phi-tiny", "32", "sdpa", "no", "2"], ["phi-tiny", "32", "sdpa", "yes", "2"]], proc.stdout
+    assert "PyTorch AdamW" in proc.stdout and "seed recipe" not in proc.stdout
+
+
+@pytest.mark.parametrize("groups, message", [
+    ("phi-tiny", "'phi-tiny' is not MODEL:SEQ or MODEL:SEQ:MICRO_BATCH"),
+    ("phi-tiny:64:0", "'phi-tiny:64:0' is not MODEL:SEQ"),
+    ("phi-9b:512", "unknown model preset 'phi-9b'"),
+])
+def test_gpu_bench_refuses_a_malformed_group(tmp_path, groups, message):
+    proc = _gpu_bench(tmp_path, "--groups", groups)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()  # refused before any corpus or tokenizer work

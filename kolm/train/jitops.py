@@ -47,7 +47,7 @@ def deepspeed_arch_list(value: str) -> str:
 
 
 def fix_arch_list() -> None:
-    """Rewrite TORCH_CUDA_ARCH_LIST, where needed, to what DeepSpeed can build for (said once)."""
+    """Rewrite TORCH_CUDA_ARCH_LIST, where needed, to what DeepSpeed can build for."""
     value = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
     fixed = deepspeed_arch_list(value)
     if fixed != value.replace(" ", ";"):
