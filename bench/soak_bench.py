@@ -28,8 +28,7 @@ from helpers.soak import STRATEGIES, SoakReport, soak  # noqa: E402
 from kolm.data.corpus import bundled_corpus_files  # noqa: E402
 from kolm.data.shard import ShardOptions, run_shard  # noqa: E402
 from kolm.data.tokenizer import train_tokenizer  # noqa: E402
-from kolm.export.convert import consolidated_state_dict  # noqa: E402
-from kolm.train.checkpoint import complete_checkpoints  # noqa: E402
+from kolm.train.checkpoint import complete_checkpoints, consolidated_state_dict  # noqa: E402
 from kolm.train.metrics import read_metrics  # noqa: E402
 
 HEADING = "## Fault tolerance"

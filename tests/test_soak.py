@@ -10,8 +10,7 @@ import torch
 from helpers.dist import run_ranks, train_records, write_recipe
 from helpers.soak import STRATEGIES, soak
 
-from kolm.export.convert import consolidated_state_dict
-from kolm.train.checkpoint import complete_checkpoints
+from kolm.train.checkpoint import complete_checkpoints, consolidated_state_dict
 
 pytestmark = pytest.mark.soak
 

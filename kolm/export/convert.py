@@ -20,7 +20,9 @@ import torch
 from kolm.data.tokenizer import load_tokenizer_info
 from kolm.errors import KolmError
 from kolm.export.generate import SEED_PROMPT, GenerationSettings
+from kolm.files import swap_in_directory
 from kolm.log import say
+from kolm.model.phi import phi_from_state_dict
 from kolm.model.presets import padded_vocab, untie_padding
 from kolm.train import checkpoint
 
@@ -28,67 +30,23 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def resolve_checkpoint(src: str | os.PathLike, tag: str | None = None, best: bool = False) -> checkpoint.Checkpoint:
-    """A run directory (newest complete checkpoint, or ``tag``, or the best), a checkpoints
-    directory, or one checkpoint directory."""
-    p = Path(src)
-    if not p.exists():
-        raise KolmError(f"{p}: no such run or checkpoint directory")
-    if (p / checkpoint.MARKER).is_file() or checkpoint.step_of(p.name) is not None:
-        return _complete(p)
-    ckpt_dir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-    if tag:
-        return _complete(ckpt_dir / tag)
-    if best:
-        found = checkpoint.best_checkpoint(ckpt_dir)
-        if found is None:
-            raise KolmError(f"{ckpt_dir}: no complete checkpoint with an eval loss; drop --best or pass --tag")
-        return found
-    found = checkpoint.find_resume(ckpt_dir)
-    if found is None:
-        raise KolmError(f"{p}: no complete checkpoint found (looked for {ckpt_dir}/global_stepN/{checkpoint.MARKER})")
-    return found
-
-
-def _complete(path: Path) -> checkpoint.Checkpoint:
-    if not path.is_dir():
-        raise KolmError(f"{path}: no such checkpoint")
-    problem = checkpoint.why_incomplete(path)
-    if problem:
-        raise KolmError(f"{path}: checkpoint is incomplete ({problem}); convert an earlier one with --tag")
-    return checkpoint.Checkpoint(path, checkpoint.step_of(path.name) or 0, checkpoint.read_marker(path))
-
-
-def consolidated_state_dict(ckpt: checkpoint.Checkpoint) -> dict[str, torch.Tensor]:
-    """fp32 weights gathered from every rank's ZeRO partition (ZeRO-1, -2 or -3)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, to_torch_tensor
-
-    lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.path.parent), tag=ckpt.tag, lazy_mode=True)
-    return to_torch_tensor(lazy)
-
-
 def model_from_state_dict(config_dict: dict, state: dict[str, torch.Tensor]):
     """A PhiForCausalLM whose parameters are the given tensors (no copy)."""
-    from transformers import PhiConfig, PhiForCausalLM
-    from transformers.models.phi.modeling_phi import PhiRotaryEmbedding
+    from transformers import PhiConfig
 
-    config = PhiConfig(**{k: v for k, v in config_dict.items() if k not in ("transformers_version",)})
-    with torch.device("meta"):
-        model = PhiForCausalLM(config)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if missing or unexpected:
-        raise KolmError(f"checkpoint weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    # The rotary frequencies are a computed buffer, not a weight: build them for real.
-    model.model.rotary_emb = PhiRotaryEmbedding(config=config)
-    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
-        raise KolmError("checkpoint weights do not cover every model tensor")
-    return model.eval()
+    config = PhiConfig(**{k: v for k, v in config_dict.items() if k not in ("transformers_version", "kolm")})
+    try:
+        return phi_from_state_dict(config, state).eval()
+    except KolmError as e:
+        raise KolmError(f"checkpoint {e}") from None
 
 
-def check_tokenizer_fits(tokenizer_dir: Path, config_dict: dict) -> None:
+def check_tokenizer_fits(tokenizer_dir: Path, config_dict: dict, exact_rows: bool = True) -> None:
+    """The tokenizer must fit the rows; a model kolm sized itself (no init_from) has exactly its
+    tokenizer's vocabulary rounded up."""
     info = load_tokenizer_info(tokenizer_dir)
     rows = config_dict["vocab_size"]
-    if info.vocab_size > rows or padded_vocab(info.vocab_size) != rows:
+    if info.vocab_size > rows or (exact_rows and padded_vocab(info.vocab_size) != rows):
         raise KolmError(
             f"{tokenizer_dir}: vocabulary of {info.vocab_size} tokens does not match the model's {rows} "
             "embedding rows; pass the tokenizer the model was trained with (--tokenizer)"
@@ -123,12 +81,12 @@ def convert(src: str, out: str, tag: str | None = None, best: bool = False, dtyp
     _remove_stale_temporaries(out_path)
     if out_path.exists() and not force:
         raise KolmError(f"{out_path} already exists; choose another --out or pass --force to replace it")
-    ckpt = resolve_checkpoint(src, tag, best)
+    ckpt = checkpoint.resolve_checkpoint(src, tag, best)
     config_dict = {**exported_config(ckpt), "kolm": training_settings(ckpt)}
     tok_dir = Path(tokenizer or ckpt.marker["tokenizer"])
-    check_tokenizer_fits(tok_dir, config_dict)
+    check_tokenizer_fits(tok_dir, config_dict, exact_rows=not ckpt.marker.get("init_from"))
     say(f"converting {ckpt.path} ({dtype})")
-    model = model_from_state_dict(config_dict, consolidated_state_dict(ckpt))
+    model = model_from_state_dict(config_dict, checkpoint.consolidated_state_dict(ckpt))
     ids = prompt_ids(tok_dir)
     with torch.no_grad():
         reference = model(input_ids=ids).logits.float()
@@ -140,7 +98,7 @@ def convert(src: str, out: str, tag: str | None = None, best: bool = False, dtyp
         del model
         max_err = verify_export(tmp, ids, reference, dtype)
         os.chmod(tmp, 0o755)
-        _swap_in(tmp, out_path)
+        swap_in_directory(tmp, out_path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -151,8 +109,11 @@ def training_settings(ckpt: checkpoint.Checkpoint) -> dict:
     """How the model was trained, kept in config.json under "kolm" for the record (and for `kolm
     eval`): settings that are not part of the architecture, so loading never depends on them."""
     run = ckpt.marker.get("run_config", {})
-    return {"attn_implementation": run.get("attn_implementation", "sdpa"), "attention": run.get("attention", "causal"),
-            "seq_len": ckpt.marker.get("seq_len")}
+    settings = {"attn_implementation": run.get("attn_implementation", "sdpa"),
+                "attention": run.get("attention", "causal"), "seq_len": ckpt.marker.get("seq_len")}
+    if ckpt.marker.get("base_vocab_size"):  # a model grown by `kolm model expand`: which rows are new
+        settings["base_vocab_size"] = ckpt.marker["base_vocab_size"]
+    return settings
 
 
 def exported_config(ckpt: checkpoint.Checkpoint) -> dict:
@@ -174,15 +135,6 @@ def _export_info(ckpt: checkpoint.Checkpoint, dtype: str) -> dict:
     """Where an exported model came from (kolm eval reads its seq_len)."""
     keys = ("step", "seq_len", "consumed_samples", "eval_loss", "data_fingerprint", "zero_stage", "world_size")
     return {"checkpoint": str(ckpt.path), "dtype": dtype, **{k: ckpt.marker.get(k) for k in keys}}
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Put the verified model at ``out``; a model replaced by --force is set aside until then."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _remove_stale_temporaries(out: Path) -> None:

@@ -37,7 +37,8 @@ def load_model(source: str, tag: str | None = None) -> LoadedModel:
         trained = json.loads((p / "config.json").read_text()).get("kolm") or {}
         model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32).eval()
         return LoadedModel(model, p, info.get("seq_len"), trained.get("attention", "causal"))
-    from kolm.export.convert import consolidated_state_dict, exported_config, model_from_state_dict, resolve_checkpoint
+    from kolm.export.convert import exported_config, model_from_state_dict
+    from kolm.train.checkpoint import consolidated_state_dict, resolve_checkpoint
 
     ckpt = resolve_checkpoint(source, tag)
     model = model_from_state_dict(exported_config(ckpt), consolidated_state_dict(ckpt))

@@ -140,8 +140,8 @@ def run_harness(source: str, opts: HarnessOptions) -> list[HarnessResult]:
 
 
 def _checkpoints(source: str, opts: HarnessOptions) -> list:
-    from kolm.export.convert import resolve_checkpoint
     from kolm.train import checkpoint
+    from kolm.train.checkpoint import resolve_checkpoint
 
     if not opts.pending:
         return [resolve_checkpoint(source, opts.tag)]

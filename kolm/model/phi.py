@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import PhiForCausalLM
 
+from kolm.errors import KolmError
 from kolm.model.loss import linear_cross_entropy
 
 
@@ -44,3 +45,20 @@ class PhiForTraining(PhiForCausalLM):
             return super().forward(input_ids=input_ids, **kwargs)
         hidden = self.model(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
         return self.lm_head(hidden, targets, accuracy=accuracy)
+
+
+def phi_from_state_dict(config, state: dict[str, torch.Tensor], cls: type[PhiForCausalLM] = PhiForCausalLM):
+    """A model of class ``cls`` whose parameters are the given tensors (no copy, no random
+    initialisation): built on the meta device, then given the weights by their Hugging Face names."""
+    from transformers.models.phi.modeling_phi import PhiRotaryEmbedding
+
+    with torch.device("meta"):
+        model = cls(config)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise KolmError(f"the weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    # The rotary frequencies are a computed buffer, not a weight: build them for real.
+    model.model.rotary_emb = PhiRotaryEmbedding(config=config)
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        raise KolmError("the weights do not cover every model tensor")
+    return model

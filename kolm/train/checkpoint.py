@@ -21,6 +21,7 @@ import torch
 from kolm import log
 from kolm.errors import KolmError
 from kolm.files import atomic_write_bytes, atomic_write_json, read_json
+from kolm.model.split_rows import merge_split_rows
 
 MARKER = "kolm_complete.json"
 _TAG = re.compile(r"^global_step(\d+)$")
@@ -214,3 +215,56 @@ def _remove(path: Path) -> None:
 def best_checkpoint(ckpt_dir: Path) -> Checkpoint | None:
     scored = [c for c in complete_checkpoints(ckpt_dir) if c.marker.get("eval_loss") is not None]
     return min(scored, key=lambda c: c.marker["eval_loss"]) if scored else None
+
+
+def consolidated_state_dict(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """fp32 weights by their Hugging Face names, gathered from every rank's ZeRO partition (ZeRO-1,
+    -2 or -3), frozen parameters included."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, to_torch_tensor
+
+    lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.path.parent), tag=ckpt.tag, lazy_mode=True)
+    state = {k: v.float() for k, v in to_torch_tensor(lazy).items()}
+    if ckpt.marker.get("run_config", {}).get("trainable", "all") != "all":
+        state = {**_frozen_parameters(ckpt, state), **state}
+    return merge_split_rows(state)
+
+
+def _frozen_parameters(ckpt: Checkpoint, found: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Parameters DeepSpeed's consolidation leaves out (ZeRO-1 omits frozen ones), from the saved
+    module state, which holds them whole under ZeRO-1 and -2."""
+    path = ckpt.path / "mp_rank_00_model_states.pt"
+    if not path.is_file():
+        return {}
+    module = torch.load(path, map_location="cpu", weights_only=False).get("module") or {}
+    return {k: v.float() for k, v in module.items() if k not in found and v.numel() > 0}
+
+
+def resolve_checkpoint(src: str | os.PathLike, tag: str | None = None, best: bool = False) -> Checkpoint:
+    """A run directory (newest complete checkpoint, or ``tag``, or the best), a checkpoints
+    directory, or one checkpoint directory."""
+    p = Path(src)
+    if not p.exists():
+        raise KolmError(f"{p}: no such run or checkpoint directory")
+    if (p / MARKER).is_file() or step_of(p.name) is not None:
+        return _complete(p)
+    ckpt_dir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    if tag:
+        return _complete(ckpt_dir / tag)
+    if best:
+        found = best_checkpoint(ckpt_dir)
+        if found is None:
+            raise KolmError(f"{ckpt_dir}: no complete checkpoint with an eval loss; drop --best or pass --tag")
+        return found
+    found = find_resume(ckpt_dir)
+    if found is None:
+        raise KolmError(f"{p}: no complete checkpoint found (looked for {ckpt_dir}/global_stepN/{MARKER})")
+    return found
+
+
+def _complete(path: Path) -> Checkpoint:
+    if not path.is_dir():
+        raise KolmError(f"{path}: no such checkpoint")
+    problem = why_incomplete(path)
+    if problem:
+        raise KolmError(f"{path}: checkpoint is incomplete ({problem}); convert an earlier one with --tag")
+    return Checkpoint(path, step_of(path.name) or 0, read_marker(path))

@@ -15,6 +15,7 @@ import yaml
 from kolm.data.blend import parse_sources
 from kolm.errors import KolmError
 from kolm.model.documents import ATTENTION_MODES
+from kolm.train.freeze import parse_groups
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
 WANDB_MODES = ("", "online", "offline", "disabled")
@@ -25,11 +26,17 @@ class RunConfig:
     # --- where things are
     # a shard directory written by `kolm shard`, or a list of sources {path, weight, name} (kolm.data.blend)
     data: str | list = ""
-    tokenizer: str = ""  # the tokenizer directory the shards were made with
+    tokenizer: str = ""  # the tokenizer directory the shards were made with (default with init_from: the source's)
     run_dir: str = ""  # checkpoints, metrics.jsonl and tensorboard go here
     # --- model
-    model: str = "phi-1.5"  # preset name (kolm.presets.PRESETS)
+    model: str = ""  # preset name (kolm.model.presets.PRESETS); empty: phi-1.5, or init_from's shape
     model_overrides: dict = field(default_factory=dict)  # e.g. {num_hidden_layers: 12}
+    # start from existing weights (kolm.train.init_from): a Hugging Face PhiForCausalLM directory or a
+    # kolm run directory; empty: random initialisation. Ignored once the run has a checkpoint.
+    init_from: str = ""
+    # what trains (kolm.train.freeze): all, or a list of new_input_embeddings, new_output_embeddings,
+    # input_embeddings, output_embeddings, layers
+    trainable: str | list = "all"
     seq_len: int = 512
     attention: str = "causal"  # causal | document (no attention across documents inside a window)
     vocab_multiple: int = 64  # embedding rows are the tokenizer vocabulary rounded up to this
@@ -75,7 +82,7 @@ class RunConfig:
     ignore_data_fingerprint: bool = False  # resume even though the data changed
 
     def validate(self) -> None:
-        for name in ("data", "tokenizer", "run_dir"):
+        for name in ("data", "run_dir") if self.init_from else ("data", "tokenizer", "run_dir"):
             if not getattr(self, name):
                 raise KolmError(f"`{name}` is required: set it in the recipe or pass {name}=PATH")
         positive = ("seq_len", "global_batch", "micro_batch", "log_every", "eval_every", "save_every",
@@ -92,6 +99,7 @@ class RunConfig:
         if self.wandb_mode not in WANDB_MODES:
             raise KolmError(f"`wandb_mode` must be online, offline, disabled or empty, got {self.wandb_mode!r}")
         parse_sources(self.data)
+        parse_groups(self.trainable)
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise KolmError(f"`attn_implementation` must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, "
                             f"got {self.attn_implementation!r}")
@@ -118,12 +126,12 @@ def _field_types() -> dict[str, type]:
 def _unknown_key(key: str, where: str) -> KolmError:
     close = difflib.get_close_matches(key, list(_field_types()), n=1)
     hint = f"; did you mean `{close[0]}`?" if close else ""
-    return KolmError(f"unknown config key `{key}` in {where}{hint} (see kolm/config.py for every key)")
+    return KolmError(f"unknown config key `{key}` in {where}{hint} (see kolm/train/config.py for every key)")
 
 
 def _coerce(key: str, value, kind: type, where: str):
     """Check or convert a value to the field's type; the error names key, type and value."""
-    if key == "data":  # one shard directory, or a list of sources (checked by kolm.data.blend)
+    if key in ("data", "trainable"):  # a string or a list (checked by kolm.data.blend, kolm.train.freeze)
         return value if isinstance(value, (str, list)) else _bad(key, value, str, where)
     if kind is bool:
         if isinstance(value, bool):

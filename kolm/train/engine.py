@@ -7,7 +7,8 @@ import os
 
 import torch
 
-from kolm.train import distenv
+from kolm.train import distenv, freeze
+from kolm.train.freeze import Trainable
 
 
 def join_process_group(env: distenv.DistEnv) -> None:
@@ -36,29 +37,57 @@ def _share_cpu_threads(env: distenv.DistEnv) -> None:
 
 
 def build_engine(model_config, ds_config: dict, seed: int, weight_decay: float, activation_checkpointing: bool,
-                 compile: bool = False):
-    """A fresh model (the same weights for a seed on every rank) inside a DeepSpeed engine."""
+                 compile: bool = False, init_state: dict[str, torch.Tensor] | None = None,
+                 trainable: Trainable = Trainable(None)):
+    """PhiForCausalLM inside a DeepSpeed engine: fresh (the same weights for a seed on every rank), or
+    with ``init_state``'s weights (Hugging Face names, fp32); frozen as ``trainable`` says."""
     import deepspeed
 
-    from kolm.model.phi import PhiForTraining
-
-    torch.manual_seed(seed)
-    model = PhiForTraining(model_config)
+    model = _model(model_config, seed, init_state)
+    freeze.apply(model, trainable)
+    bf16 = bool(ds_config.get("bf16", {}).get("enabled"))
+    # References to the full-precision values: DeepSpeed casts the module to bf16 and builds its fp32
+    # master weights from that rounded copy, so they are put back from these afterwards.
+    masters = {n: p.data for n, p in model.named_parameters() if p.requires_grad} if init_state and bf16 else {}
     if activation_checkpointing:
         model.gradient_checkpointing_enable()
     if compile:
         compile_blocks(model)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay),
                                       config=ds_config)
+    if masters:
+        _set_master_weights(engine, masters)
     return engine
 
 
+def _model(model_config, seed: int, init_state: dict[str, torch.Tensor] | None):
+    from kolm.model.phi import PhiForTraining, phi_from_state_dict
+
+    torch.manual_seed(seed)
+    if init_state is None:
+        return PhiForTraining(model_config)
+    return phi_from_state_dict(model_config, init_state, PhiForTraining)
+
+
+def _set_master_weights(engine, masters: dict[str, torch.Tensor]) -> None:
+    """Give each trainable parameter's fp32 master copy (this rank's partition of it) the source's
+    full-precision value."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    for name, p in engine.module.named_parameters():
+        if name in masters:
+            safe_set_full_fp32_param(p, masters[name].to(engine.device, torch.float32))
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: biases and LayerNorm weights are exempt, as in HF Trainer."""
+    """Weight decay on matrices only: biases and LayerNorm weights are exempt, as in HF Trainer.
+    Frozen parameters are in no group: no decay, no optimizer state."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "layernorm" in name.lower() else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "layernorm" in name.lower() else decay).append(p)
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+            if g["params"]]
 
 
 def compile_blocks(model: torch.nn.Module) -> None:

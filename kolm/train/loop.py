@@ -73,6 +73,7 @@ class Trainer:
         if resume:
             check_resumable(resume, cfg, self.setup)
         self.lock = self._lock_run_dir()
+        self.init_record = resume.marker.get("init_from") if resume else None
         self.engine = self._start(resume)
         self.device = self.engine.device
         self.state = restore(self.engine, cfg, self.setup, resume) if resume else TrainState.fresh(
@@ -105,7 +106,21 @@ class Trainer:
             atomic_write_json(self.run_dir / "run_config.json", self.cfg.to_dict())
             atomic_write_json(self.run_dir / "ds_config.json", ds_config)
         return build_engine(self.setup.model_config, ds_config, self.cfg.seed, self.cfg.weight_decay,
-                            self.cfg.activation_checkpointing, self.cfg.compile)
+                            self.cfg.activation_checkpointing, self.cfg.compile, self._init_state(resume),
+                            self.setup.trainable)
+
+    def _init_state(self, resume: checkpoint.Checkpoint | None) -> dict | None:
+        """The init_from source's weights for a fresh run (rank 0 records their hash); None otherwise."""
+        source = self.setup.source
+        if resume is not None or source is None:
+            if resume is not None and self.cfg.init_from and self.rank0:
+                say(f"init_from {self.cfg.init_from} ignored: the run resumes from its own checkpoint {resume.tag}")
+            return None
+        state = source.state_dict()
+        if self.rank0:
+            self.init_record = source.record(state)
+            say(f"starting from {source.label()} (weights sha256 {self.init_record['weights_sha256'][:16]}...)")
+        return state
 
     def _wandb(self):
         """Rank 0's W&B run when the recipe names a project (kolm.train.wandb_log)."""
@@ -120,7 +135,7 @@ class Trainer:
     def _step_window(self) -> StepWindow:
         cfg, setup = self.cfg, self.setup
         peak, source = device_peak_flops(self.device, torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
-        say(f"{cfg.model}: {setup.n_params / 1e6:.1f}M parameters, {setup.env.world_size} ranks x micro "
+        say(f"{setup.model_name}: {setup.n_params / 1e6:.1f}M parameters, {setup.env.world_size} ranks x micro "
             f"batch {cfg.micro_batch} x {setup.grad_accum} accumulation = global batch {cfg.global_batch}; "
             f"{setup.total_steps} steps; peak {peak / 1e9:.1f} GFLOP/s per device ({source})")
         return StepWindow(cfg.seq_len, cfg.global_batch, setup.env.world_size, setup.flops_per_token, peak)
@@ -226,7 +241,8 @@ class Trainer:
                   "consumed_samples": state.consumed_samples, "model_config": setup.model_config_dict,
                   "seq_len": cfg.seq_len, "tokenizer": str(Path(cfg.tokenizer).resolve()),
                   "data_fingerprint": setup.train.fingerprint, "run_config": cfg.to_dict(),
-                  "total_steps": setup.total_steps}
+                  "total_steps": setup.total_steps, "init_from": self.init_record,
+                  "base_vocab_size": setup.base_vocab_size}
         try:
             checkpoint.save(self.engine, self.ckpt_dir, state.step, client, setup.env.rank, dist.barrier, marker)
         except (OSError, RuntimeError) as e:

@@ -19,7 +19,7 @@ from kolm.train.state import TrainState
 # fail deep inside the load): resuming refuses it. Everything else (micro_batch, node count,
 # eval/log/save cadence, grad_clip, activation_checkpointing) may change between restarts.
 FIXED_ON_RESUME = ("global_batch", "lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
-                   "warmup_steps", "zero_stage", "precision")
+                   "warmup_steps", "zero_stage", "precision", "trainable")
 
 
 def check_resumable(ckpt: checkpoint.Checkpoint, cfg: RunConfig, setup: RunSetup) -> None:

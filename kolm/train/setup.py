@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -18,9 +19,13 @@ from kolm.errors import KolmError
 from kolm.log import say
 from kolm.model.flops import flops_per_token, parameter_count
 from kolm.model.presets import PhiShape, build_config, get_shape, padded_vocab, phi_config_dict
-from kolm.train import distenv, dsconfig
+from kolm.train import checkpoint, distenv, dsconfig, freeze
 from kolm.train.config import RunConfig
+from kolm.train.init_from import InitSource, check_recipe_shape, resolve_source, resumed_source
+from kolm.train.init_from import check_tokenizer as check_source_tokenizer
 from kolm.train.wandb_log import check_available
+
+DEFAULT_MODEL = "phi-1.5"  # the preset of a recipe that names none and starts from scratch
 
 
 @dataclass
@@ -36,6 +41,13 @@ class RunSetup:
     flops_per_token: float
     n_params: int
     eos_id: int
+    source: InitSource | None = None  # where the weights come from (init_from, or the run's own checkpoint)
+    trainable: freeze.Trainable = freeze.Trainable(None)
+    model_name: str = DEFAULT_MODEL  # the preset, or where init_from took the weights
+
+    @property
+    def base_vocab_size(self) -> int | None:
+        return self.source.base_vocab_size if self.source else None
 
     @property
     def blended(self) -> bool:
@@ -44,7 +56,21 @@ class RunSetup:
     def describe(self) -> str:
         text = (f"{self.total_steps} steps, gradient accumulation {self.grad_accum} on {self.env.world_size} ranks, "
                 f"{self.n_params / 1e6:.1f}M parameters")
+        if self.source:
+            base = f", base vocabulary {self.base_vocab_size}" if self.base_vocab_size else ""
+            text += f"\nweights from {self.model_name}: {self.model_config_dict['vocab_size']} rows{base}"
+        if not self.trainable.everything:
+            text += f"\ntrainable: {self.trainable.describe()}\n" + freeze.count_table(self.trainable_counts())
         return text + ("\n" + self.blend_table() if self.blended else "")
+
+    def trainable_counts(self) -> dict[str, tuple[int, int]]:
+        """Parameters per group, trainable and in all, on a model built without memory (meta device)."""
+        from kolm.model.phi import PhiForTraining
+
+        with torch.device("meta"):
+            model = PhiForTraining(self.model_config)
+        freeze.apply(model, self.trainable)
+        return freeze.count(model)
 
     def blend_table(self) -> str:
         """The sources, their shares, their size, and how many epochs of each the run will see."""
@@ -64,12 +90,17 @@ class RunSetup:
 def prepare(cfg: RunConfig) -> RunSetup:
     """Validate the whole run (data, tokenizer, model, batch layout) without touching devices."""
     env = distenv.detect()
-    tok = load_tokenizer_info(cfg.tokenizer)
+    source = weights_source(cfg)
+    tok = load_tokenizer_info(cfg.tokenizer or _source_tokenizer(source))
     sources = parse_sources(cfg.data)
-    check_sources(sources, tok.fingerprint(), cfg.tokenizer)
+    check_sources(sources, tok.fingerprint(), str(tok.path))
+    if source:
+        check_source_tokenizer(source, tok)
     grad_accum = check_batch_layout(cfg.global_batch, cfg.micro_batch, env.world_size)
-    shape = model_shape(cfg)
-    vocab = padded_vocab(tok.vocab_size, cfg.vocab_multiple)
+    shape = model_shape(cfg, source)
+    vocab = source.rows if source else padded_vocab(tok.vocab_size, cfg.vocab_multiple)
+    trainable = freeze.resolve(cfg.trainable, source.base_vocab_size if source else None, vocab,
+                               source.label() if source else "a model without init_from")
     train = BlendedDataset(sources, "train", cfg.seq_len, cfg.seed)
     total = cfg.train_steps or math.ceil(cfg.epochs * train.num_samples / cfg.global_batch)
     positions = shape.max_position_embeddings
@@ -80,7 +111,24 @@ def prepare(cfg: RunConfig) -> RunSetup:
     return RunSetup(env, grad_accum, total, train, _validation_splits(sources, cfg),
                     build_config(shape, vocab, tok.eos_id, tok.eos_id, positions, cfg.attn_implementation),
                     phi_config_dict(shape, vocab, tok.eos_id, tok.eos_id, positions), ds_config,
-                    flops_per_token(shape, vocab, cfg.seq_len), parameter_count(shape, vocab), tok.eos_id)
+                    flops_per_token(shape, vocab, cfg.seq_len), parameter_count(shape, vocab), tok.eos_id,
+                    source, trainable, source.label() if source else cfg.model or DEFAULT_MODEL)
+
+
+def weights_source(cfg: RunConfig) -> InitSource | None:
+    """Where the model comes from: the run's own newest checkpoint once it has one (init_from is then
+    ignored), else init_from, else nothing (random initialisation from a preset)."""
+    if not cfg.init_from:
+        return None
+    resume = checkpoint.find_resume(Path(cfg.run_dir) / "checkpoints", say=lambda _: None)
+    return resumed_source(resume) if resume else resolve_source(cfg.init_from)
+
+
+def _source_tokenizer(source: InitSource | None) -> str:
+    if source is None or source.tokenizer is None:
+        raise KolmError("`tokenizer` is required: init_from's source holds no tokenizer; set tokenizer=PATH "
+                        "(the tokenizer the shards were made with)")
+    return str(source.tokenizer)
 
 
 def check_sources(sources: list[Source], fingerprint: dict, tokenizer: str) -> None:
@@ -116,12 +164,17 @@ def _validation_splits(sources: list[Source], cfg: RunConfig) -> dict[str, Packe
     return found
 
 
-def model_shape(cfg: RunConfig) -> PhiShape:
-    shape = get_shape(cfg.model, **cfg.model_overrides)
+def model_shape(cfg: RunConfig, source: InitSource | None = None) -> PhiShape:
+    if source:
+        check_recipe_shape(source, cfg.model, cfg.model_overrides)
+        shape, name = source.shape(), source.label()
+    else:
+        preset = cfg.model or DEFAULT_MODEL
+        shape, name = get_shape(preset, **cfg.model_overrides), f"model {preset}"
     if cfg.seq_len > shape.max_position_embeddings:
         raise KolmError(
-            f"seq_len {cfg.seq_len} exceeds model {cfg.model}'s max_position_embeddings "
-            f"{shape.max_position_embeddings}; lower seq_len or set model_overrides.max_position_embeddings"
+            f"seq_len {cfg.seq_len} exceeds {name}'s max_position_embeddings {shape.max_position_embeddings}; "
+            "lower seq_len" + ("" if source else " or set model_overrides.max_position_embeddings")
         )
     return shape
 
