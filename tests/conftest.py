@@ -132,3 +132,12 @@ def second_shards(tmp_path_factory, tokenizer_dir) -> Path:
     out = tmp_path_factory.mktemp("second-shards") / "constitution"
     run_shard(constitution, str(tokenizer_dir), out, ShardOptions(valid_fraction=0.1), workers=1, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def base_tokenizer(tmp_path_factory) -> Path:
+    """A Phi-like English byte-level BPE (1,000 BPE entries ending in <|endoftext|>, then whitespace
+    added tokens; see helpers/phi_source.py): the tokenizer of a model to continue. Read-only."""
+    from helpers.phi_source import make_base_tokenizer
+
+    return make_base_tokenizer(tmp_path_factory.mktemp("phi-source") / "tokenizer")

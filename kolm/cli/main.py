@@ -60,6 +60,27 @@ def _add_tokenizer(sub) -> None:
     p.add_argument("--max-documents", type=int, default=None, help="train on the first N documents only")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=_tokenizer_train)
+    p = tools.add_parser("extend", help="add Korean tokens to an existing byte-level BPE (Phi's); old ids kept")
+    _add_corpus_args(p)
+    p.add_argument("--base", required=True, help="tokenizer directory, or a model directory holding tokenizer.json")
+    p.add_argument("--add", type=int, required=True, help="new tokens to learn (at most)")
+    p.add_argument("--out", required=True, help="output tokenizer directory")
+    p.add_argument("--min-frequency", type=int, default=2)
+    p.add_argument("--max-documents", type=int, default=None, help="learn from the first N documents only")
+    p.add_argument("--non-korean", nargs="+", default=None, metavar="PATH",
+                   help="text whose encoding must not change (default: the non-Hangul runs of held-back input)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=_tokenizer_extend)
+
+
+def _tokenizer_extend(args: argparse.Namespace) -> int:
+    from kolm.data.tokenizer_extend import extend_tokenizer
+
+    emit(extend_tokenizer(args.base, args.input, args.add, args.out, text_field=args.text_field,
+                          skip_malformed=args.skip_malformed, max_documents=args.max_documents,
+                          min_frequency=args.min_frequency, non_korean=args.non_korean, force=args.force,
+                          progress=sys.stderr.isatty()))
+    return 0
 
 
 def _tokenizer_train(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,7 +100,7 @@ class TokenizerReport:
                 f"documents\ncompression: {self.chars_per_token:.3f} characters per token on {sample}")
 
 
-class _TrainingStream:
+class TrainingStream:
     """The corpus as training text, holding back a deterministic ~2% to measure compression."""
 
     def __init__(self, inputs: list[str], text_field: str, skip_malformed: bool, max_documents: int | None):
@@ -157,16 +157,15 @@ def train_tokenizer(
     out = Path(out)
     if vocab_size < MIN_VOCAB:
         raise KolmError(f"--vocab-size {vocab_size} is too small: use at least {MIN_VOCAB}")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise KolmError(f"{out} already exists and is not empty; choose another --out or pass --force")
-    stream = _TrainingStream(inputs, text_field, skip_malformed, max_documents)
+    refuse_existing_output(out, force)
+    stream = TrainingStream(inputs, text_field, skip_malformed, max_documents)
     tok, trainer = _bpe(vocab_size, min_frequency, progress)
     tok.train_from_iterator(iter(stream), trainer=trainer)
     if stream.used == 0:
         raise KolmError("the corpus holds no text: every line was empty or skipped")
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS,
                                       unk_token=EOS)
-    _save_atomically(wrapped, out, force)
+    write_dir_atomically(out, force, lambda tmp: wrapped.save_pretrained(str(tmp)))
     sample = stream.sample()
     tokens = sum(len(e.ids) for e in tok.encode_batch(sample, add_special_tokens=False))
     return TokenizerReport(str(out), tok.get_vocab_size(True), stream.used, len(stream.holdout),
@@ -174,12 +173,22 @@ def train_tokenizer(
                            stream.stats["malformed_skipped"])
 
 
-def _save_atomically(tokenizer, out: Path, force: bool) -> None:
+def refuse_existing_output(out: Path, force: bool) -> None:
+    """Stop before any work if ``out`` holds something that --force has not allowed us to replace."""
+    if out.exists() and not out.is_dir():
+        raise KolmError(f"{out} is a file; choose a directory for --out")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise KolmError(f"{out} already exists and is not empty; choose another --out or pass --force")
+
+
+def write_dir_atomically(out: Path, force: bool, write: Callable[[Path], None]) -> None:
+    """Let ``write`` fill a temporary directory beside ``out``, then rename it into place, so that
+    ``out`` is either what it was or complete."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     os.chmod(tmp, 0o755)
     try:
-        tokenizer.save_pretrained(str(tmp))
+        write(tmp)
         if out.exists() and force:
             shutil.rmtree(out)
         elif out.exists():
