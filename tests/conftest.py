@@ -141,3 +141,22 @@ def base_tokenizer(tmp_path_factory) -> Path:
     from helpers.phi_source import make_base_tokenizer
 
     return make_base_tokenizer(tmp_path_factory.mktemp("phi-source") / "tokenizer")
+
+
+@pytest.fixture(scope="session")
+def base_phi(tmp_path_factory, base_tokenizer) -> Path:
+    """A transformers-made PhiForCausalLM over ``base_tokenizer`` (helpers/base_model.py): the model a
+    continued-pretraining run starts from. Read-only."""
+    from helpers.base_model import make_base_model
+
+    return make_base_model(base_tokenizer, tmp_path_factory.mktemp("phi-source") / "model")
+
+
+@pytest.fixture(scope="session")
+def extended_tokenizer(tmp_path_factory, base_tokenizer, korean_corpus) -> Path:
+    """``base_tokenizer`` extended with 300 Korean tokens learned from the bundled corpus. Read-only."""
+    from kolm.data.tokenizer_extend import extend_tokenizer
+
+    out = tmp_path_factory.mktemp("extended") / "tokenizer"
+    extend_tokenizer(str(base_tokenizer), [str(korean_corpus)], 300, str(out), progress=False)
+    return out

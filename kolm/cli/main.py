@@ -180,6 +180,27 @@ def _shard_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- kolm model expand
+
+
+def _add_model(sub) -> None:
+    tools = sub.add_parser("model", help="model tools").add_subparsers(dest="tool", required=True)
+    p = tools.add_parser("expand", help="grow a Phi model's embedding rows for an extended tokenizer (verified)")
+    p.add_argument("--model", required=True, help="Hugging Face PhiForCausalLM directory")
+    p.add_argument("--tokenizer", required=True, help="the extended tokenizer (from kolm tokenizer extend)")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--vocab-multiple", type=int, default=64, help="round the rows up to a multiple of this")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=_model_expand)
+
+
+def _model_expand(args: argparse.Namespace) -> int:
+    from kolm.model.expand import expand_model
+
+    emit(expand_model(args.model, args.tokenizer, args.out, args.vocab_multiple, args.force))
+    return 0
+
+
 # --------------------------------------------------------------------------- kolm train
 
 
@@ -396,7 +417,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- main
 
-SUBCOMMANDS = (_add_tokenizer, _add_shard, _add_train, _add_convert, _add_generate, _add_eval, _add_report,
+SUBCOMMANDS = (_add_tokenizer, _add_shard, _add_model, _add_train, _add_convert, _add_generate, _add_eval, _add_report,
                _add_plan, _add_demo)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from kolm.data.tokenizer_extend import read_extension
 from kolm.errors import KolmError
 from kolm.files import swap_in_directory
 from kolm.log import say
@@ -66,8 +67,7 @@ def base_tokenizer_dir(model: PretrainedPhi, extended: Path) -> Path:
     extension recorded as its base."""
     if model.tokenizer_dir is not None:
         return model.tokenizer_dir
-    record = extended / "kolm_extension.json"
-    base = json.loads(record.read_text(encoding="utf-8")).get("base") if record.is_file() else None
+    base = (read_extension(extended) or {}).get("base")
     if base and (Path(base) / "tokenizer.json").is_file():
         return Path(base)
     raise KolmError(f"{model.path} holds no tokenizer.json and {extended} names no base tokenizer: copy the base "
