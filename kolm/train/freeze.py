@@ -69,11 +69,12 @@ def apply(model: nn.Module, trainable: Trainable) -> None:
     if "input_embeddings" in groups:
         model.model.embed_tokens.requires_grad_(True)
     elif "new_input_embeddings" in groups:
-        split_input_rows(model, trainable.base_vocab).new_rows.requires_grad_(True)
+        emb = split_input_rows(model, trainable.base_vocab).requires_grad_(False)
+        emb.new_rows.requires_grad_(True)
     if "output_embeddings" in groups:
         model.lm_head.requires_grad_(True)
     elif "new_output_embeddings" in groups:
-        head = split_output_rows(model, trainable.base_vocab)
+        head = split_output_rows(model, trainable.base_vocab).requires_grad_(False)
         for p in (head.new_rows, head.new_bias):
             if p is not None:
                 p.requires_grad_(True)

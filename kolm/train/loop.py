@@ -239,7 +239,7 @@ class Trainer:
         # What `kolm convert` needs, readable without unpickling anything.
         marker = {"world_size": setup.env.world_size, "zero_stage": cfg.zero_stage, "eval_loss": eval_loss,
                   "consumed_samples": state.consumed_samples, "model_config": setup.model_config_dict,
-                  "seq_len": cfg.seq_len, "tokenizer": str(Path(cfg.tokenizer).resolve()),
+                  "seq_len": cfg.seq_len, "tokenizer": str(Path(setup.tokenizer).resolve()),
                   "data_fingerprint": setup.train.fingerprint, "run_config": cfg.to_dict(),
                   "total_steps": setup.total_steps, "init_from": self.init_record,
                   "base_vocab_size": setup.base_vocab_size}

@@ -44,6 +44,7 @@ class RunSetup:
     source: InitSource | None = None  # where the weights come from (init_from, or the run's own checkpoint)
     trainable: freeze.Trainable = freeze.Trainable(None)
     model_name: str = DEFAULT_MODEL  # the preset, or where init_from took the weights
+    tokenizer: str = ""  # the tokenizer directory (the recipe's, or init_from's source's)
 
     @property
     def base_vocab_size(self) -> int | None:
@@ -112,7 +113,7 @@ def prepare(cfg: RunConfig) -> RunSetup:
                     build_config(shape, vocab, tok.eos_id, tok.eos_id, positions, cfg.attn_implementation),
                     phi_config_dict(shape, vocab, tok.eos_id, tok.eos_id, positions), ds_config,
                     flops_per_token(shape, vocab, cfg.seq_len), parameter_count(shape, vocab), tok.eos_id,
-                    source, trainable, source.label() if source else cfg.model or DEFAULT_MODEL)
+                    source, trainable, source.label() if source else cfg.model or DEFAULT_MODEL, tok.path)
 
 
 def weights_source(cfg: RunConfig) -> InitSource | None:
