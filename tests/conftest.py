@@ -160,3 +160,24 @@ def extended_tokenizer(tmp_path_factory, base_tokenizer, korean_corpus) -> Path:
     out = tmp_path_factory.mktemp("extended") / "tokenizer"
     extend_tokenizer(str(base_tokenizer), [str(korean_corpus)], 300, str(out), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def grown(tmp_path_factory, base_phi, extended_tokenizer) -> Path:
+    """``base_phi`` grown by `kolm model expand` for ``extended_tokenizer``. Read-only."""
+    from kolm.model.expand import expand_model
+
+    out = tmp_path_factory.mktemp("grown") / "model"
+    expand_model(str(base_phi), str(extended_tokenizer), str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def korean_shards(tmp_path_factory, korean_corpus, extended_tokenizer) -> Path:
+    """The bundled corpus sharded with ``extended_tokenizer``, 5% held out."""
+    from kolm.data.shard import ShardOptions, run_shard
+
+    out = tmp_path_factory.mktemp("ko-shards") / "shards"
+    run_shard([str(korean_corpus)], str(extended_tokenizer), out, ShardOptions(valid_fraction=0.05), workers=1,
+              progress=False)
+    return out

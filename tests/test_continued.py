@@ -14,7 +14,6 @@ from helpers.cli import run_kolm
 from helpers.dist import run_ranks, train_records, write_recipe
 from tokenizers import Tokenizer
 
-from kolm.model.expand import expand_model
 from kolm.train.checkpoint import complete_checkpoints, consolidated_state_dict
 
 pytestmark = pytest.mark.dist
@@ -22,23 +21,6 @@ pytestmark = pytest.mark.dist
 STAGE = {"model": "", "precision": "bf16", "weight_decay": 0.1, "lr": 3e-3, "min_lr": 3e-4,
          "warmup_steps": 0, "eval_samples": 32, "log_every": 1}
 ROWS = ("model.embed_tokens.weight", "lm_head.weight", "lm_head.bias")
-
-
-@pytest.fixture(scope="module")
-def grown(tmp_path_factory, base_phi, extended_tokenizer):
-    out = tmp_path_factory.mktemp("grown") / "model"
-    expand_model(str(base_phi), str(extended_tokenizer), str(out))
-    return out
-
-
-@pytest.fixture(scope="module")
-def korean_shards(tmp_path_factory, korean_corpus, extended_tokenizer):
-    from kolm.data.shard import ShardOptions, run_shard
-
-    out = tmp_path_factory.mktemp("ko-shards") / "shards"
-    run_shard([str(korean_corpus)], str(extended_tokenizer), out, ShardOptions(valid_fraction=0.05), workers=1,
-              progress=False)
-    return out
 
 
 def _stage(root, name, shards, tokenizer="", **keys):

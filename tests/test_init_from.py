@@ -5,6 +5,7 @@ tokenizer or group name gets before any process group starts."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from helpers.cli import run_kolm
 from helpers.dist import run_ranks, write_recipe
 
 from kolm.train.checkpoint import complete_checkpoints, consolidated_state_dict
+
+REPO = Path(__file__).resolve().parent.parent
 
 # A run that cannot move its weights: lr 0 (AdamW's decay is lr x weight_decay, so none either).
 STILL = {"model": "", "lr": 0.0, "min_lr": 0.0, "train_steps": 1, "save_every": 1, "eval_every": 100}
@@ -130,3 +133,22 @@ def test_shards_of_another_tokenizer_than_the_sources_are_refused(tmp_path, shar
     proc = _check(tmp_path, shards, tokenizer_dir, init_from=str(big))
     assert proc.returncode == 2 and "is not the tokenizer of init_from" in proc.stderr, proc.stderr
     assert "kolm shard --tokenizer" in proc.stderr
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("stage", ["stage1-new-input", "stage2-new-output", "stage3-new-rows", "stage4-all"])
+def test_the_staged_phi_2_recipes_check_against_a_grown_model(tmp_path, grown, korean_shards, stage):
+    """Each shipped stage, pointed at a small grown model (its shape comes from the source), passes
+    --check and trains what its name says."""
+    recipe = REPO / "recipes" / "phi-2-ko-extend" / f"{stage}.yaml"
+    proc = run_kolm("train", "--config", recipe, f"init_from={grown}", f"data={korean_shards}",
+                    f"run_dir={tmp_path / 'run'}", "seq_len=64", "global_batch=8", "micro_batch=2", "--check")
+    assert proc.returncode == 0, proc.stderr
+    if stage == "stage4-all":
+        assert "trainable" not in proc.stdout
+        return
+    table = {line.split()[0]: line for line in proc.stdout.splitlines()
+             if line.strip().startswith(("input", "output", "layers"))}
+    assert " 0 of" in table["layers"]
+    assert (" 0 of" in table["input"]) == (stage == "stage2-new-output")
+    assert (" 0 of" in table["output"]) == (stage == "stage1-new-input")
