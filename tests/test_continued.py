@@ -98,3 +98,30 @@ def test_a_resumed_stage_ignores_init_from_and_keeps_its_frozen_rows(tmp_path, g
     end = consolidated_state_dict(complete_checkpoints(first / "checkpoints")[0])
     rounded = load_weights(grown)["model.embed_tokens.weight"].to(torch.bfloat16).float()
     assert torch.equal(end["model.embed_tokens.weight"][:base_len], rounded[:base_len])
+
+
+def test_a_frozen_stage_resumes_on_another_number_of_ranks(tmp_path, grown, korean_shards, base_tokenizer):
+    """Resumed on 1 rank after a 2-rank start (through DeepSpeed's universal checkpoint, which holds
+    only what the optimizer owns), the frozen parts are still the source's."""
+    import shutil
+
+    keys = {"zero_stage": 2, "trainable": ["new_output_embeddings"], "save_every": 2, "eval_every": 100,
+            "train_steps": 4, "init_from": str(grown)}
+    run, _ = _stage(tmp_path, "run", korean_shards, **keys)
+    for ckpt in complete_checkpoints(run / "checkpoints"):  # as if killed right after step 2's checkpoint
+        if ckpt.step > 2:
+            shutil.rmtree(ckpt.path)
+    recipe = write_recipe(tmp_path / "more.yaml", korean_shards, "", run, **{**STAGE, **keys})
+    codes, out = run_ranks(1, recipe, log_dir=tmp_path / "one-rank")
+    assert codes == [0], out[-4000:]
+    assert "converting it to a universal checkpoint" in out
+    base_len = Tokenizer.from_file(str(base_tokenizer / "tokenizer.json")).get_vocab_size(True)
+    source, end = load_weights(grown), consolidated_state_dict(complete_checkpoints(run / "checkpoints")[0])
+    assert complete_checkpoints(run / "checkpoints")[0].step == 4
+    for name, tensor in source.items():
+        rounded = tensor.to(torch.bfloat16).float()
+        if name == "lm_head.weight":
+            assert torch.equal(end[name][:base_len], rounded[:base_len])
+            assert not torch.equal(end[name][base_len:], tensor[base_len:])
+        elif name != "lm_head.bias":
+            assert torch.equal(end[name], rounded), name

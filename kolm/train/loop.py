@@ -110,11 +110,15 @@ class Trainer:
                             self.setup.trainable)
 
     def _init_state(self, resume: checkpoint.Checkpoint | None) -> dict | None:
-        """The init_from source's weights for a fresh run (rank 0 records their hash); None otherwise."""
+        """The weights the model is built with: init_from's for a fresh run (rank 0 records their
+        hash); a resumed run with frozen parts takes its own checkpoint's, so frozen parameters are
+        right whatever DeepSpeed restores (a universal checkpoint holds optimizer-owned ones only)."""
         source = self.setup.source
-        if resume is not None or source is None:
-            if resume is not None and self.cfg.init_from and self.rank0:
+        if resume is not None:
+            if self.cfg.init_from and self.rank0:
                 say(f"init_from {self.cfg.init_from} ignored: the run resumes from its own checkpoint {resume.tag}")
+            return None if self.setup.trainable.everything else checkpoint.consolidated_state_dict(resume)
+        if source is None:
             return None
         state = source.state_dict()
         if self.rank0:
