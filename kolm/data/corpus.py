@@ -461,15 +461,22 @@ class _Lines:
     def paragraph(self, block: bytes) -> Iterator[bytes]:
         """A paragraph's text from the first block of its first line on: lines stripped and
         joined with a newline. Reads through the blank line that ends it."""
-        sep = b""
-        while block and not self.blank(block):
-            if self.long(block):
+        readline, limit, sep = self.f.readline, self.limit, b""
+        while block:
+            if len(block) == limit and not block.endswith(b"\n"):  # a long line
                 yield sep + block.lstrip()
                 yield from _rstrip_last(self.rest(block))
             else:
-                yield sep + block.strip()
+                stripped = block.strip()
+                if not stripped:
+                    return  # the blank line that ends the paragraph
+                yield sep + stripped
             sep = b"\n"
-            block = self.read()
+            # The inner loop of paragraph reading: `read` inlined.
+            block = readline(limit)
+            self.pos += len(block)
+            if self.line_no is not None and block:
+                self.line_no += 1
 
 
 def _rstrip_last(blocks: Iterator[bytes]) -> Iterator[bytes]:
