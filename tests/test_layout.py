@@ -4,6 +4,7 @@ imports that only point back along the flow, no import cycle, and short function
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +117,24 @@ def test_functions_are_short():
 def test_each_stage_imports_on_its_own(stage):
     proc = subprocess.run([sys.executable, "-c", f"import kolm.{stage}"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def _layout_rows() -> dict[str, str]:
+    """The README's layout table: folder -> what it says the folder holds."""
+    text = (REPO / "README.md").read_text(encoding="utf-8").split("## Layout", 1)[1]
+    return {m.group(1): m.group(2) for m in re.finditer(r"^\| `([^`]+)` \| (.*) \|$", text, re.M)}
+
+
+@pytest.mark.unit
+def test_the_readme_layout_names_every_module_and_script():
+    rows = _layout_rows()
+    missing = []
+    for stage in STAGES:
+        for path in sorted((REPO / "kolm" / stage).glob("*.py")):
+            if path.stem not in ("__init__", "__main__") and f"`{path.stem}`" not in rows[f"kolm/{stage}/"]:
+                missing.append(f"kolm/{stage}/{path.name}")
+    for folder in ("slurm", "tools"):
+        for path in sorted((REPO / folder).iterdir()):
+            if f"`{path.name}`" not in rows[f"{folder}/"] and f"`{path.stem}`" not in rows[f"{folder}/"]:
+                missing.append(f"{folder}/{path.name}")
+    assert not missing, f"README.md's layout table does not name: {', '.join(missing)}"
