@@ -21,6 +21,7 @@ killed run continues where it stopped when the same command runs again.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 from pathlib import Path
@@ -47,7 +48,7 @@ def make_plan(inputs: list[str], cfg: CleanConfig) -> tuple[dict, list]:
         "config": cfg.as_dict(),
         "tasks": len(units),
     }
-    return plan, units
+    return json.loads(json.dumps(plan)), units  # as it reads back from disk (lists, not tuples)
 
 
 def resolve_spam_file(cfg: CleanConfig) -> CleanConfig:

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 from kolm.errors import KolmError
 
 PII_KINDS = ("rrn", "phone", "card", "account", "email")
+# What each kind is replaced with; `kolm tokenizer train` makes the ones it sees special tokens.
+PII_TOKENS = {kind: f"<|{kind}|>" for kind in PII_KINDS}
 DEDUP_MODES = ("near", "exact", "none")
 
 # Phrases that mark gambling, adult and loan spam in Korean web text. Extend with

@@ -14,9 +14,10 @@ from datetime import date
 
 from datatrove.data import DocumentsPipeline
 
+from kolm.data.clean_config import PII_TOKENS
 from kolm.data.clean_io import CountingStep
 
-TOKENS = {kind: f"<|{kind}|>" for kind in ("rrn", "phone", "card", "account", "email")}
+TOKENS = PII_TOKENS
 
 _EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
                     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,}(?![\w-])")

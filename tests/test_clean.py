@@ -1,0 +1,244 @@
+"""`kolm clean`: normalization, Korean filters, PII masking, exact and near dedup on datatrove; the
+same output for any worker count and after a kill; output that `kolm shard` reads as it is."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import unicodedata
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from helpers import clean_corpus
+from helpers.clean_corpus import ORDINARY, PII, read_output
+from helpers.shard import assert_user_error, clean_env, kolm, manifest, shard
+
+from kolm.data.clean_config import FilterConfig, preset
+from kolm.data.clean_normalize import normalize_text
+
+UNIT = "4k"  # several tasks even for this small corpus
+
+
+def clean(inputs, out, *options, check: bool = True, env=None) -> subprocess.CompletedProcess:
+    args = ["clean", "--input", *map(str, inputs), "--out", str(out), "--no-progress", "--unit-bytes", UNIT, *options]
+    return kolm(*args, check=check, env=env)
+
+
+def tree(out: Path) -> dict[str, bytes]:
+    """Every file of a clean output (relative path → bytes)."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> list[Path]:
+    return clean_corpus.write(tmp_path_factory.mktemp("clean-corpus"))
+
+
+@pytest.fixture(scope="module")
+def cleaned(tmp_path_factory, corpus) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("clean") / "out"
+    return out, clean(corpus, out, "--workers", "1")
+
+
+# --------------------------------------------------------------------------- unit: the pieces
+
+
+@pytest.mark.unit
+def test_normalization_makes_nfd_crlf_and_spacing_copies_identical():
+    text = "대한민국은  민주공화국이다.\r\n\n\n\n모든\u00a0권력은\t국민으로부터 나온다.\u200b  "
+    expected = "대한민국은 민주공화국이다.\n\n모든 권력은 국민으로부터 나온다."
+    assert normalize_text(unicodedata.normalize("NFD", text)) == expected
+    assert normalize_text("a\x00b\x1fc") == "abc"
+
+
+@pytest.mark.unit
+def test_pii_masking_replaces_every_kind_and_leaves_ordinary_numbers():
+    from kolm.data.clean_pii import PiiMasker
+
+    counts: Counter = Counter()
+    masker = PiiMasker(("rrn", "phone", "card", "account", "email"))
+    for value, token, template in PII:
+        masked = masker(template.format(value), counts)
+        assert value not in masked and token in masked, (value, masked)
+    text = "행사는 " + ", ".join(ORDINARY) + " 에 열립니다. 우리 은행은 2023년에 1,000억원을 벌었다."
+    assert masker(text, counts) == text
+    assert sum(counts.values()) == len(PII)
+
+
+@pytest.mark.unit
+def test_rrn_without_hyphen_needs_a_valid_checksum_and_a_real_date():
+    from kolm.data.clean_pii import PiiMasker
+
+    masker, counts = PiiMasker(("rrn",)), Counter()
+    good = clean_corpus.rrn_with_checksum("900101123456")
+    bad_check = good[:-1] + str((int(good[-1]) + 1) % 10)
+    assert masker(f"번호 {good}", counts) == "번호 <|rrn|>"
+    assert masker(f"번호 {bad_check}", counts) == f"번호 {bad_check}"
+    assert masker("번호 901332-1234567", counts) == "번호 901332-1234567"  # no 32nd day
+
+
+@pytest.mark.unit
+def test_filters_name_the_check_that_failed():
+    from datatrove.data import Document
+
+    from kolm.data.clean_filters import QualityFilter
+
+    f = QualityFilter("/nonexistent", FilterConfig())
+
+    def why(text: str) -> str | None:
+        return f.check(Document(text=normalize_text(text), id="x"))
+
+    rng = __import__("random").Random(1)
+    good = clean_corpus.document(rng)
+    assert why(good) is None
+    names = [why(t) for t in clean_corpus.junk(rng)]
+    assert names == ["runs", "runs", "length", "hangul", "repetition", "boilerplate", "spam", "repetition"]
+    doc = Document(text="정말 재밌어요ㅋㅋㅋㅋㅋㅋㅋ 또 보고 싶다!!!!!!", id="y")
+    assert f.check(doc) is None and doc.text == "정말 재밌어요ㅋㅋㅋ 또 보고 싶다!!!"
+
+
+@pytest.mark.unit
+def test_settings_tune_and_turn_off_checks():
+    cfg = preset(overrides=["min_chars=50", "min_hangul_share=0", "spam_phrases=광고,홍보", "pii=rrn,email"])
+    assert cfg.filters.min_chars == 50 and cfg.filters.min_hangul_share == 0.0
+    assert cfg.filters.spam_phrases == ("광고", "홍보") and cfg.pii == ("rrn", "email")
+    assert preset(filters="none", pii="keep", dedup="exact").pii == ()
+    from kolm.errors import KolmError
+
+    with pytest.raises(KolmError, match="no such setting"):
+        preset(overrides=["min_char=5"])
+
+
+@pytest.mark.unit
+def test_near_duplicate_shingles_ignore_spacing():
+    from kolm.data.clean_dedup import char_shingles
+
+    a = char_shingles("대한민국은 민주공화국이다", 5)
+    b = char_shingles("대한 민국은 민주 공화국이다", 5)
+    assert a.shape[1] == 1 and len(a) == len("대한민국은민주공화국이다") - 4
+    assert (a == b).all()
+
+
+# --------------------------------------------------------------------------- cli: the whole command
+
+
+@pytest.mark.cli
+def test_duplicates_pii_and_junk_are_removed_and_the_rest_survives(cleaned):
+    out, proc = cleaned
+    assert proc.returncode == 0, proc.stderr
+    records = read_output(out)
+    by_group = Counter(r["group"] for r in records)
+    first, second = clean_corpus.build()
+    for r in first + second:
+        if r["kind"] in ("distinct", "original", "pii", "numbers"):
+            assert by_group[r["group"]] == 1, f"group {r['group']} kept {by_group[r['group']]} times"
+    junk = [r for r in second if r["kind"] == "junk"]
+    assert sum(by_group[r["group"]] for r in junk) <= len(junk) // 5
+    texts = "\n".join(r["text"] for r in records)
+    for value, token, _ in PII:
+        assert value not in texts
+        assert token in texts
+    for number in ORDINARY:
+        assert number in texts, number
+    distinct = [r for r in records if r["kind"] == "distinct"]
+    assert all(r["url"].startswith("https://example.kr/") for r in distinct)  # other fields kept
+
+
+@pytest.mark.cli
+def test_the_report_adds_up(cleaned):
+    out, proc = cleaned
+    report = json.loads((out / "report.json").read_text())
+    docs = report["documents"]
+    assert docs["read"] == sum(len(part) for part in clean_corpus.build())
+    assert docs["read"] == docs["kept"] + sum(report["removed"].values())
+    assert docs["kept"] == len(read_output(out))
+    groups = 8
+    assert report["removed"]["exact_duplicate"] == 2 * groups and report["removed"]["near_duplicate"] == groups
+    assert report["pii"] == dict(Counter(token.strip("<|>") for _, token, _ in PII))
+    assert report["bytes"]["written"] < report["bytes"]["read"]
+    assert (out / "removed" / "runs.json").is_file() and not (out / ".work").exists()
+    for line in ("kept", "removed by exact_duplicate", "PII masked: "):
+        assert line in proc.stdout
+
+
+@pytest.mark.cli
+def test_one_and_two_workers_give_identical_output(tmp_path, corpus, cleaned):
+    out = tmp_path / "two"
+    clean(corpus, out, "--workers", "2")
+    assert tree(out) == tree(cleaned[0])
+    assert len(list(out.glob("*.jsonl.gz"))) > 2
+
+
+@pytest.mark.cli
+def test_a_killed_run_continues_to_the_same_output(tmp_path, corpus, cleaned):
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "kolm", "clean", "--input", *map(str, corpus), "--out", str(out), "--no-progress",
+            "--unit-bytes", UNIT, "--workers", "1"]
+    proc = subprocess.Popen(args, env=clean_env(), start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    marker = out / ".work" / "logs" / "minhash_signatures"
+    deadline = time.monotonic() + 120
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "report.json").exists(), "the run finished before it could be killed"
+    clean(corpus, out, "--workers", "2")
+    assert tree(out) == tree(cleaned[0])
+    again = clean(corpus, out, "--workers", "1")
+    assert "already complete" in again.stderr
+
+
+@pytest.mark.cli
+def test_the_output_shards_and_trains_a_tokenizer(tmp_path, cleaned, tokenizer_dir):
+    out = cleaned[0]
+    shards = tmp_path / "shards"
+    shard([out], tokenizer_dir, shards, "--workers", "1", "--valid-fraction", "0")
+    kept = json.loads((out / "report.json").read_text())["documents"]["kept"]
+    assert manifest(shards)["corpus"]["documents"] == kept
+    tok = tmp_path / "tok"
+    kolm("tokenizer", "train", "--input", out, "--vocab-size", "600", "--out", tok, check=True)
+    added = json.loads((tok / "tokenizer.json").read_text())["added_tokens"]
+    assert {"<|rrn|>", "<|phone|>", "<|card|>", "<|account|>", "<|email|>"} <= {t["content"] for t in added}
+
+
+# --------------------------------------------------------------------------- cli: bad input
+
+
+@pytest.mark.cli
+def test_a_malformed_line_is_named_with_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "첫 번째 문서입니다 충분히 길게"}\n{"text": 3}\n', encoding="utf-8")
+    proc = clean([bad], tmp_path / "out", check=False)
+    assert_user_error(proc, str(bad), "line 2", "--skip-malformed")
+
+
+@pytest.mark.cli
+def test_a_missing_input_is_refused(tmp_path):
+    proc = clean([tmp_path / "nope.txt"], tmp_path / "out", check=False)
+    assert_user_error(proc, "nope.txt", "no such file")
+
+
+@pytest.mark.cli
+def test_an_output_dir_of_another_run_or_of_other_files_is_refused(tmp_path, corpus, cleaned):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("내 파일", encoding="utf-8")
+    assert_user_error(clean(corpus, other, check=False), "not empty")
+    assert (other / "notes.txt").read_text(encoding="utf-8") == "내 파일"
+    previous = tmp_path / "previous"
+    previous.mkdir()
+    for name, data in tree(cleaned[0]).items():
+        (previous / name).parent.mkdir(parents=True, exist_ok=True)
+        (previous / name).write_bytes(data)
+    proc = clean(corpus, previous, "--dedup", "exact", check=False)
+    assert_user_error(proc, "another run", "--overwrite")
+    assert tree(previous) == tree(cleaned[0])
+    clean(corpus, previous, "--dedup", "exact", "--overwrite")
+    report = json.loads((previous / "report.json").read_text())
+    assert "near_duplicate" not in report["removed"]
