@@ -242,3 +242,51 @@ def test_an_output_dir_of_another_run_or_of_other_files_is_refused(tmp_path, cor
     clean(corpus, previous, "--dedup", "exact", "--overwrite")
     report = json.loads((previous / "report.json").read_text())
     assert "near_duplicate" not in report["removed"]
+
+
+# --------------------------------------------------------------------------- slurm: an array job
+
+
+@pytest.mark.slurm
+@pytest.mark.skipif(os.geteuid() != 0, reason="the local Slurm cluster needs root (tools/local-slurm.sh)")
+def test_a_slurm_array_job_gives_the_output_of_one_local_run(tmp_path, corpus, cleaned):
+    from helpers.slurm_cluster import REPO, finished, sbatch, start_cluster, wait_job
+
+    cluster = start_cluster()
+    out = tmp_path / "clean"
+    array = sbatch(cluster, "--array=0-1", "--cpus-per-task=1", REPO / "slurm/clean.sbatch", "--input", *corpus,
+                   "--out", out, "--unit-bytes", UNIT, cwd=tmp_path)
+    info = wait_job(cluster, f"{array}_0", finished, 600, "clean the corpus")
+    logs = "".join(p.read_text(errors="replace") for p in tmp_path.glob("kolm-clean-*.out"))
+    assert info["JobState"] == "COMPLETED", logs[-3000:]
+    assert wait_job(cluster, f"{array}_1", finished, 60, "finish")["JobState"] == "COMPLETED", logs[-3000:]
+    assert tree(out) == tree(cleaned[0])
+
+
+@pytest.mark.slurm
+@pytest.mark.skipif(os.geteuid() != 0, reason="the local Slurm cluster needs root (tools/local-slurm.sh)")
+def test_pipeline_cleans_first_and_feeds_the_cleaned_corpus_on(tmp_path, corpus):
+    from helpers.dist import write_recipe
+    from helpers.slurm_cluster import REPO, job, start_cluster
+
+    cluster = {**start_cluster(), "KOLM_SBATCH_CPU": "--cpus-per-task=1 --mem=1G",
+               "KOLM_SBATCH_TRAIN": "--gpus-per-node=0 --ntasks-per-node=1 --cpus-per-task=1"}
+    recipe = write_recipe(tmp_path / "recipe.yaml", tmp_path / "unused", tmp_path / "unused", tmp_path / "run")
+    # Held (SBATCH_HOLD) so that nothing runs: this checks the chain; the array job itself is tested above.
+    proc = subprocess.run([str(REPO / "slurm/pipeline.sh"), "--recipe", str(recipe), "--input", *map(str, corpus),
+                           "--clean", "clean", "--clean-tasks", "2", "--tokenizer", "tok", "--vocab-size", "600",
+                           "--shards", "shards", "--out", "model"], env={**cluster, "SBATCH_HOLD": "1"},
+                          cwd=tmp_path, capture_output=True, text=True)
+    jobs = {line.split(":")[0]: line.split()[2] for line in proc.stdout.splitlines() if " job " in line}
+    try:
+        assert proc.returncode == 0, proc.stderr
+        assert list(jobs)[:3] == ["clean", "tokenizer", "shard"], proc.stdout
+        clean_job, tok_job = job(cluster, jobs["clean"]), job(cluster, jobs["tokenizer"])
+        assert "slurm/clean.sbatch" in clean_job["Command"] and clean_job.get("ArrayTaskId") == "0-1"
+        assert f"afterok:{jobs['clean']}" in tok_job["Dependency"]
+        # `scontrol -o` splits Command on spaces: the tokenizer reads the cleaned directory, not the corpus
+        tok_command = subprocess.run(["scontrol", "show", "job", jobs["tokenizer"]], env=cluster, capture_output=True,
+                                     text=True).stdout
+        assert "tokenizer.sbatch --input clean --vocab-size" in tok_command
+    finally:
+        subprocess.run(["scancel", *jobs.values()], env=cluster, capture_output=True)

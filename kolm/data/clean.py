@@ -24,6 +24,7 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 from kolm.data.clean_config import CleanConfig
@@ -99,20 +100,42 @@ def prepare_output(out: Path, plan: dict, overwrite: bool) -> bool:
 
 
 def run_clean(inputs: list[str], out: str | os.PathLike, cfg: CleanConfig = CleanConfig(), workers: int | None = None,
-              overwrite: bool = False, progress: bool = True) -> dict:
-    """Clean ``inputs`` into ``out``; returns the report (also written to ``out/report.json``)."""
+              overwrite: bool = False, progress: bool = True, num_tasks: int = 1, task_index: int = 0) -> dict | None:
+    """Clean ``inputs`` into ``out``; returns the report (also written to ``out/report.json``).
+
+    As array task ``task_index`` of ``num_tasks`` (a Slurm array job, whose tasks must all run at
+    the same time) it does its share of every stage; task 0 writes the report, the others return None.
+    """
     from kolm.data.clean_report import finish
     from kolm.data.clean_stages import Stages
 
+    if not 0 <= task_index < num_tasks:
+        raise KolmError(f"--task-index {task_index} must be in [0, {num_tasks})")
     cfg = resolve_spam_file(cfg)
     cfg.validate()
     plan, units = make_plan(inputs, cfg)
     out = Path(out)
-    if prepare_output(out, plan, overwrite):
+    done = prepare_output(out, plan, overwrite) if task_index == 0 else wait_for_plan(out, plan)
+    if done:
         say(f"{out}: already complete; nothing to do")
         return read_json(out / REPORT)
     stages = Stages(out, out / WORK, cfg, units)
-    stages.run_all(workers or os.cpu_count() or 1, progress)
+    if not stages.run_all(workers or os.cpu_count() or 1, progress, num_tasks, task_index):
+        say(f"task {task_index}/{num_tasks} done; array task 0 writes the report")
+        return None
     report = finish(out, out / WORK, plan, stages.step_names())
     shutil.rmtree(out / WORK, ignore_errors=True)
     return report
+
+
+def wait_for_plan(out: Path, plan: dict, timeout: float = 600.0) -> bool:
+    """Array tasks other than 0 wait for task 0 to check the output directory and record the plan."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (out / REPORT).is_file() and read_json(out / REPORT).get("plan") == plan:
+            return True
+        plan_file = out / WORK / "plan.json"
+        if plan_file.is_file() and read_json(plan_file) == plan:
+            return False
+        time.sleep(1.0)
+    raise KolmError(f"{out}: array task 0 did not start this run within {timeout:.0f}s (see its log)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 import datatrove.executor.base as _base
@@ -18,6 +19,8 @@ import datatrove.pipeline.dedup.minhash as _minhash
 import multiprocess
 from datatrove.executor.local import LocalPipelineExecutor
 from loguru import logger
+
+from kolm.log import say
 
 _FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <8} | {name}:{function}:{line} - {message}"
 
@@ -68,18 +71,31 @@ class KolmExecutor(LocalPipelineExecutor):
     send datatrove's log to the task log files) before they run a task."""
 
 
-def run_local(pipeline: list, tasks: int, workers: int, logging_dir: Path, label: str, progress: bool) -> None:
-    """Run ``pipeline`` as ``tasks`` datatrove tasks on ``workers`` processes; a task that finished
-    in an earlier, killed run is skipped (datatrove's completion markers)."""
+def run_local(pipeline: list, tasks: int, workers: int, logging_dir: Path, label: str, progress: bool,
+              ranks: tuple[int, int] | None = None) -> None:
+    """Run tasks ``ranks`` (default: all) of a ``tasks``-task pipeline on ``workers`` processes; a
+    task that finished in an earlier, killed run is skipped (datatrove's completion markers)."""
     quiet()
     multiprocess.get_context("forkserver").set_forkserver_preload(PRELOAD)
-    executor = KolmExecutor(pipeline, tasks=tasks, workers=max(1, min(workers, tasks)),
-                                     logging_dir=str(logging_dir), skip_completed=True)
+    lo, hi = ranks or (0, tasks)
+    executor = KolmExecutor(pipeline, tasks=tasks, workers=max(1, min(workers, hi - lo)), local_tasks=hi - lo,
+                            local_rank_offset=lo, logging_dir=str(logging_dir), skip_completed=True)
     with StageBar(logging_dir / "completions", tasks, label, progress):
         executor.run()
-    missing = [r for r in range(tasks) if not (logging_dir / "completions" / f"{r:05d}").is_file()]
+    missing = [r for r in range(lo, hi) if not (logging_dir / "completions" / f"{r:05d}").is_file()]
     if missing:
         raise RuntimeError(f"{label}: tasks {missing[:10]} did not finish; see {logging_dir}/logs")
+
+
+def wait_for_stage(logging_dir: Path, tasks: int, label: str, poll_seconds: float = 2.0) -> None:
+    """Wait until every task of a stage has finished (the other array tasks run the rest)."""
+    completions = logging_dir / "completions"
+    told = False
+    while not completions.is_dir() or len(os.listdir(completions)) < tasks:
+        if not told:
+            say(f"{label}: waiting for the other array tasks to finish their share")
+            told = True
+        time.sleep(poll_seconds)
 
 
 class StageBar:

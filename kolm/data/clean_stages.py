@@ -53,14 +53,22 @@ class Stages:
             names.append("after_near")
         return [*names, "write"]
 
-    def run_all(self, workers: int, progress: bool) -> None:
-        from kolm.data.clean_exec import run_local
+    def run_all(self, workers: int, progress: bool, num_tasks: int = 1, task_index: int = 0) -> bool:
+        """Run every stage, or (as array task ``task_index`` of ``num_tasks``) this task's share of
+        each stage, waiting for the other array tasks between stages. Returns True where the whole
+        run is finished (the last task to need it: array task 0)."""
+        from kolm.data.clean_exec import run_local, wait_for_stage
 
         stages = self.stages()
         for i, stage in enumerate(stages, start=1):
             label = f"clean {i}/{len(stages)} {stage.name}"
-            run_local(stage.pipeline(), stage.tasks, workers, self.work / "logs" / stage.name.replace(" ", "_"),
-                      label, progress)
+            logs = self.work / "logs" / stage.name.replace(" ", "_")
+            lo, hi = stage.tasks * task_index // num_tasks, stage.tasks * (task_index + 1) // num_tasks
+            if hi > lo:
+                run_local(stage.pipeline(), stage.tasks, workers, logs, label, progress, ranks=(lo, hi))
+            if num_tasks > 1 and (i < len(stages) or task_index == 0):
+                wait_for_stage(logs, stage.tasks, label)
+        return task_index == 0
 
     # ----------------------------------------------------------------------------- pipelines
 
