@@ -103,6 +103,18 @@ def test_filters_name_the_check_that_failed():
 
 
 @pytest.mark.unit
+def test_kiwi_words_load_offline_with_the_shipped_model(monkeypatch):
+    from kolm.data.clean_filters import KiwiWords, repetition_failure
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    words = KiwiWords()("학교에 갔습니다")
+    assert "학교" in words and "에" in words
+    cfg = FilterConfig(words="kiwi")
+    assert repetition_failure(" ".join(["구매 문의 환영합니다"] * 20), cfg, KiwiWords())
+    assert not repetition_failure(clean_corpus.document(__import__("random").Random(2)), cfg, KiwiWords())
+
+
+@pytest.mark.unit
 def test_settings_tune_and_turn_off_checks():
     cfg = preset(overrides=["min_chars=50", "min_hangul_share=0", "spam_phrases=광고,홍보", "pii=rrn,email"])
     assert cfg.filters.min_chars == 50 and cfg.filters.min_hangul_share == 0.0
@@ -216,6 +228,22 @@ def test_a_malformed_line_is_named_with_file_and_line(tmp_path):
     bad.write_text('{"text": "첫 번째 문서입니다 충분히 길게"}\n{"text": 3}\n', encoding="utf-8")
     proc = clean([bad], tmp_path / "out", check=False)
     assert_user_error(proc, str(bad), "line 2", "--skip-malformed")
+
+
+@pytest.mark.cli
+def test_an_unreadable_input_is_refused(tmp_path, corpus):
+    import shutil
+
+    if os.geteuid() == 0 and not shutil.which("setpriv"):
+        pytest.skip("root reads files whatever their permissions, and setpriv is not installed to drop that")
+    drop = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"] if os.geteuid() == 0 else []
+    locked = tmp_path / "locked.jsonl"
+    locked.write_bytes(corpus[0].read_bytes())
+    locked.chmod(0)
+    args = ["clean", "--input", str(locked), "--out", str(tmp_path / "out"), "--no-progress"]
+    proc = subprocess.run([*drop, sys.executable, "-m", "kolm", *args], capture_output=True, text=True, env=clean_env())
+    assert_user_error(proc, str(locked), "not readable")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.cli

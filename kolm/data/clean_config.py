@@ -54,7 +54,9 @@ class FilterConfig:
     boilerplate_lines: tuple[str, ...] = BOILERPLATE_LINES
     boilerplate_max_line_chars: int = 40
     max_boilerplate_share: float = 0.5
-    # Gopher-style repetition on lines and on words (Korean words: eojeol, the space-separated units)
+    # Gopher-style repetition on lines and on words: "eojeol" (space-separated units, fast) or "kiwi"
+    # (Kiwi's morphemes, with the model kiwipiepy-model ships; about 20k characters a second per core)
+    words: str = "eojeol"
     max_dup_line_share: float = 0.3
     max_dup_line_char_share: float = 0.2
     max_top_ngram_char_share: tuple[float, float, float] = (0.2, 0.18, 0.16)  # for word 2-, 3-, 4-grams
@@ -101,6 +103,8 @@ class CleanConfig:
             raise KolmError("min_hangul_share and max_run_share must lie in [0, 1]")
         if f.run_min and (f.run_keep < 1 or f.run_min <= f.run_keep):
             raise KolmError(f"run_min ({f.run_min}) must exceed run_keep ({f.run_keep}), which must be at least 1")
+        if f.words not in ("eojeol", "kiwi"):
+            raise KolmError(f"words={f.words!r}: choose eojeol or kiwi")
         if f.min_chars < 0 or f.max_chars < f.min_chars:
             raise KolmError(f"min_chars {f.min_chars} and max_chars {f.max_chars} do not make a range")
         if d.ngram_chars < 1 or d.num_buckets < 1 or d.hashes_per_bucket < 1:

@@ -72,8 +72,24 @@ class BoilerplateLines:
         return len(crumbs) >= 3 and all(0 < len(p) <= 10 for p in crumbs)
 
 
-def repetition_failure(text: str, cfg: FilterConfig) -> bool:
-    """Gopher's repetition rules over lines and eojeol n-grams."""
+class KiwiWords:
+    """Kiwi's morphemes as words. Kiwi's default model is the one the kiwipiepy-model package ships
+    (datatrove's KiwiTokenizer asks for the "sbg" model, which that package does not hold), so this
+    runs offline. Loaded on first use, in the worker process."""
+
+    def __init__(self):
+        self._kiwi = None
+
+    def __call__(self, text: str) -> list[str]:
+        if self._kiwi is None:
+            from kiwipiepy import Kiwi
+
+            self._kiwi = Kiwi()
+        return [token.form for token in self._kiwi.tokenize(text)]
+
+
+def repetition_failure(text: str, cfg: FilterConfig, split_words=str.split) -> bool:
+    """Gopher's repetition rules over lines and word n-grams."""
     lines = [line for line in text.split("\n") if line]
     if len(lines) > 1:
         counts = Counter(lines)
@@ -81,7 +97,7 @@ def repetition_failure(text: str, cfg: FilterConfig) -> bool:
         dup_chars = sum(len(line) * (c - 1) for line, c in counts.items())
         if dup_lines / len(lines) > cfg.max_dup_line_share or dup_chars / len(text) > cfg.max_dup_line_char_share:
             return True
-    words = text.split()
+    words = split_words(text)
     if len(words) < cfg.repetition_min_words:
         return False
     total = sum(map(len, words))
@@ -126,6 +142,7 @@ class QualityFilter(CountingStep):
         self.boilerplate = BoilerplateLines(cfg.boilerplate_lines, cfg.boilerplate_max_line_chars)
         phrases = sorted(set(cfg.spam_phrases), key=len, reverse=True)
         self.spam = re.compile("|".join(map(re.escape, phrases))) if phrases else None
+        self.words = KiwiWords() if cfg.words == "kiwi" else str.split
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         for doc in data:
@@ -147,7 +164,7 @@ class QualityFilter(CountingStep):
             return "length"
         if cfg.min_hangul_share and hangul_share(doc.text) < cfg.min_hangul_share:
             return "hangul"
-        if repetition_failure(doc.text, cfg):
+        if repetition_failure(doc.text, cfg, self.words):
             return "repetition"
         if self.spam is not None and cfg.spam_min_hits and count(self.spam, doc.text) >= cfg.spam_min_hits:
             return "spam"
