@@ -136,6 +136,34 @@ def test_near_duplicate_shingles_ignore_spacing():
     assert (a == b).all()
 
 
+@pytest.mark.unit
+def test_batched_signatures_are_datatrove_step_one_byte_for_byte(tmp_path):
+    import random
+
+    from datatrove.data import Document
+    from datatrove.pipeline.dedup.minhash import MinhashDedupSignature
+
+    from kolm.data.clean_config import DedupConfig
+    from kolm.data.clean_dedup import KoreanMinhashSignature, char_shingles, minhash_config
+
+    class PerDocument(MinhashDedupSignature):  # datatrove's own step 1, with the same shingles
+        def get_shingles(self, text):
+            return char_shingles(text, 5)
+
+    rng = random.Random(0)
+    texts = ["".join(chr(0xAC00 + rng.randrange(300)) for _ in range(rng.randint(1, 300))) for _ in range(300)]
+    texts += ["", " ", "가나"]
+    cfg = minhash_config(DedupConfig())
+    batched = KoreanMinhashSignature(str(tmp_path / "batched"), cfg)
+    batched.BATCH_SHINGLES = 2000  # several batches
+    batched.run(Document(text=t, id=str(i)) for i, t in enumerate(texts))
+    PerDocument(str(tmp_path / "datatrove"), config=cfg, language="ko").run(
+        Document(text=t, id=str(i)) for i, t in enumerate(texts))
+    for bucket in range(cfg.num_buckets):
+        name = f"bucket_{bucket:03d}/00000.minhash.sig"
+        assert (tmp_path / "batched" / name).read_bytes() == (tmp_path / "datatrove" / name).read_bytes()
+
+
 # --------------------------------------------------------------------------- cli: the whole command
 
 

@@ -429,7 +429,7 @@ def _add_clean(sub) -> None:
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="settings",
                    help="tune one setting of kolm/data/clean_config.py, e.g. min_chars=50 min_hangul_share=0")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier kolm clean output in --out")
-    p.add_argument("--unit-bytes", type=_size, default=None, help="input bytes per task (default 64M)")
+    p.add_argument("--unit-bytes", type=_size, default=None, help="input bytes per task (default 32M)")
     p.add_argument("--num-tasks", type=int, default=None, help="array tasks (default: SLURM_ARRAY_TASK_COUNT or 1)")
     p.add_argument("--task-index", type=int, default=None, help="this task (default: from SLURM_ARRAY_TASK_ID)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -90,7 +90,7 @@ class CleanConfig:
     filters: FilterConfig = field(default_factory=FilterConfig)
     pii: tuple[str, ...] = PII_KINDS
     dedup: DedupConfig = field(default_factory=DedupConfig)
-    unit_bytes: int = 64 << 20  # input bytes per task: fixes the tasks whatever the worker count
+    unit_bytes: int = 32 << 20  # input bytes per task: fixes the tasks whatever the worker count
 
     def validate(self) -> None:
         f, d = self.filters, self.dedup

@@ -100,13 +100,18 @@ def repetition_failure(text: str, cfg: FilterConfig, split_words=str.split) -> b
     words = split_words(text)
     if len(words) < cfg.repetition_min_words:
         return False
+    if len(set(words)) == len(words):
+        return False  # no word repeats, so no n-gram does
     total = sum(map(len, words))
     for n, limit in enumerate(cfg.max_top_ngram_char_share, start=2):
         if limit and _top_ngram_share(words, n, total) > limit:
             return True
     for n, limit in enumerate(cfg.max_dup_ngram_char_share, start=5):
-        if limit and _dup_ngram_share(words, n, total) > limit:
+        share = _dup_ngram_share(words, n, total)
+        if limit and share > limit:
             return True
+        if share == 0:
+            return False  # no repeated n-gram, so no longer one repeats either
     return False
 
 

@@ -100,14 +100,12 @@ class Stages:
         return [ExactFindDedups(self._path("exact/sigs"), self._path("exact/dups"), exact_config())]
 
     def _exact_survivors(self) -> list:
-        from datatrove.pipeline.dedup.exact_dedup import ExactDedupFilter
-
-        from kolm.data.clean_dedup import exact_config
+        from kolm.data.clean_dedup import ExactFilter, exact_config
         from kolm.data.clean_io import PreparedReader
 
         steps = [PreparedReader(self._path("prepared"), self.cfg.text_field)]
         if self.dedup != "none":
-            steps.append(ExactDedupFilter(self._path("exact/dups"), exact_config()))
+            steps.append(ExactFilter(self._path("exact/dups"), exact_config()))
         return steps
 
     def minhash_signatures(self) -> list:
@@ -133,13 +131,12 @@ class Stages:
                                     config=minhash_config(self.cfg.dedup))]
 
     def write(self) -> list:
-        from datatrove.pipeline.dedup.minhash import MinhashDedupFilter
-
+        from kolm.data.clean_dedup import MinhashFilter
         from kolm.data.clean_io import Count, JsonlGzWriter
 
         steps = self._exact_survivors()
         if self.dedup != "none":
             steps.append(Count(self.counts, "after_exact"))
         if self.dedup == "near":
-            steps += [MinhashDedupFilter(self._path("minhash/remove")), Count(self.counts, "after_near")]
+            steps += [MinhashFilter(self._path("minhash/remove")), Count(self.counts, "after_near")]
         return [*steps, JsonlGzWriter(self.counts, str(self.out), self.cfg.text_field)]
