@@ -164,6 +164,39 @@ def test_batched_signatures_are_datatrove_step_one_byte_for_byte(tmp_path):
         assert (tmp_path / "batched" / name).read_bytes() == (tmp_path / "datatrove" / name).read_bytes()
 
 
+@pytest.mark.unit
+def test_vectorized_buckets_write_datatrove_step_two_pairs_byte_for_byte(tmp_path):
+    import random
+
+    from datatrove.data import Document
+    from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets
+
+    from kolm.data.clean_config import DedupConfig
+    from kolm.data.clean_dedup import KoreanMinhashSignature, MinhashBuckets, minhash_config
+
+    rng = random.Random(3)
+    base = [clean_corpus.document(rng, 2) for _ in range(40)]
+    cfg = minhash_config(DedupConfig())
+    for task in range(3):  # three tasks sharing exact and near copies
+        texts = [t if rng.random() < 0.5 else clean_corpus.near_copy(t, rng) for t in rng.sample(base, 25)]
+        KoreanMinhashSignature(str(tmp_path / "sigs"), cfg).run(
+            (Document(text=t, id=str(i)) for i, t in enumerate(texts)), rank=task)
+    for bucket in range(cfg.num_buckets):
+        fast = MinhashBuckets(str(tmp_path / "sigs"), str(tmp_path / "fast"), config=cfg)
+        fast.WINDOW_RECORDS = 7  # many hash windows
+        fast.run(rank=bucket, world_size=cfg.num_buckets)
+        MinhashDedupBuckets(str(tmp_path / "sigs"), str(tmp_path / "datatrove"), config=cfg).run(
+            rank=bucket, world_size=cfg.num_buckets)
+    names = sorted(p.name for p in (tmp_path / "datatrove").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "fast").iterdir()) and len(names) == cfg.num_buckets
+    pairs = 0
+    for name in names:
+        want = (tmp_path / "datatrove" / name).read_bytes()
+        assert (tmp_path / "fast" / name).read_bytes() == want
+        pairs += len(want) // 16
+    assert pairs > 20  # the copies were found
+
+
 # --------------------------------------------------------------------------- cli: the whole command
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from kolm.data.clean_config import CleanConfig
 from kolm.data.corpus import Unit
+from kolm.log import say
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,10 @@ class Stages:
             label = f"clean {i}/{len(stages)} {stage.name}"
             logs = self.work / "logs" / stage.name.replace(" ", "_")
             lo, hi = stage.tasks * task_index // num_tasks, stage.tasks * (task_index + 1) // num_tasks
+            started = time.monotonic()
             if hi > lo:
                 run_local(stage.pipeline(), stage.tasks, workers, logs, label, progress, ranks=(lo, hi))
+                say(f"{label}: {hi - lo} tasks in {time.monotonic() - started:.1f}s")
             if num_tasks > 1 and (i < len(stages) or task_index == 0):
                 wait_for_stage(logs, stage.tasks, label)
         return task_index == 0
@@ -115,12 +119,10 @@ class Stages:
                 KoreanMinhashSignature(self._path("minhash/sigs"), minhash_config(self.cfg.dedup))]
 
     def minhash_buckets(self) -> list:
-        from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets
+        from kolm.data.clean_dedup import MinhashBuckets, minhash_config
 
-        from kolm.data.clean_dedup import minhash_config
-
-        return [MinhashDedupBuckets(self._path("minhash/sigs"), self._path("minhash/buckets"),
-                                    config=minhash_config(self.cfg.dedup))]
+        return [MinhashBuckets(self._path("minhash/sigs"), self._path("minhash/buckets"),
+                               config=minhash_config(self.cfg.dedup))]
 
     def minhash_clusters(self) -> list:
         from datatrove.pipeline.dedup.minhash import MinhashDedupCluster
