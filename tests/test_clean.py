@@ -254,10 +254,10 @@ def test_a_killed_run_continues_to_the_same_output(tmp_path, corpus, cleaned):
             "--unit-bytes", UNIT, "--workers", "1"]
     proc = subprocess.Popen(args, env=clean_env(), start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    marker = out / ".work" / "logs" / "minhash_signatures"
+    done = out / ".work" / "logs" / "prepare" / "completions"  # killed once the first task is done
     deadline = time.monotonic() + 120
-    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    while not (done.is_dir() and any(done.iterdir())) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "report.json").exists(), "the run finished before it could be killed"

@@ -2,10 +2,17 @@
 
 Stages (each a datatrove pipeline run as tasks; a task is one work unit of the input):
 
-    prepare   read → normalize → filters → PII → work/prepared/TASK.jsonl.gz (+ exact-dedup hashes)
+    prepare   read → normalize → filters → PII → work/prepared/TASK.jsonl.gz (+ exact-dedup hashes;
+              with --dedup near also the MinHash signatures, datatrove's MinHash step 1)
     exact     find exact duplicates over all tasks (one task)
-    minhash   signatures → buckets → clusters (datatrove's MinHash steps 1-3), on exact survivors
-    write     prepared → drop exact duplicates → drop near duplicates (step 4) → OUT/TASK.jsonl.gz
+    minhash   buckets → clusters (datatrove's MinHash steps 2-3)
+    write     prepared → drop duplicates → OUT/TASK.jsonl.gz
+
+With --dedup exact, the write stage drops the exact duplicates. With --dedup near, exact copies
+have identical MinHash signatures, so they fall into the near-duplicate clusters too, and the
+write stage drops all but one document of each cluster (MinHash step 4): one pass over the data
+finds both, and no document is kept by one step and dropped by the other. Exact copies are still
+found by hash, and the report counts them apart from the near duplicates.
 
 Output directory::
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from datatrove.data import Document
-from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig, ExactDedupFilter
+from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig, ExactDedupFilter, ExactDedupSignature
 from datatrove.pipeline.dedup.minhash import (
     MinhashConfig,
     MinhashDedupBuckets,
@@ -237,3 +237,20 @@ class MinhashBuckets(MinhashDedupBuckets):
         k = np.nonzero(same)[0]
         docs, files = rec["doc"][order], stems[owner[order]]
         return np.stack([files[k], docs[k], files[k + 1], docs[k + 1]], axis=1).astype("<u4")
+
+
+class ExactSignature(ExactDedupSignature):
+    """datatrove's exact-dedup step 1, passing the documents on, so that the MinHash signatures can
+    be computed in the same pass."""
+
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        signatures = []
+        for doc_idx, doc in enumerate(data):
+            signatures.extend(self.get_hashes(doc, doc_idx))
+            yield doc
+        self.save_hashes(rank, signatures)
+
+
+def count_exact_duplicates(dups_folder: Path) -> int:
+    """Documents exact dedup marks as copies (datatrove's step 2 writes one uint32 per copy)."""
+    return sum(p.stat().st_size // 4 for p in dups_folder.rglob("*.c4_dup")) if dups_folder.is_dir() else 0

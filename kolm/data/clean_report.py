@@ -20,13 +20,15 @@ def finish(out: Path, work: Path, plan: dict, steps: list[str]) -> dict:
         counts[step], found = load_counts(work / "counts", step, plan["tasks"])
         for why, items in found.items():
             examples.setdefault(why, []).extend(items)
-    report = build_report(plan, counts)
+    from kolm.data.clean_dedup import count_exact_duplicates
+
+    report = build_report(plan, counts, count_exact_duplicates(work / "exact" / "dups"))
     write_examples(out / "removed", examples, plan["config"]["filters"]["examples_per_filter"])
     atomic_write_json(out / "report.json", report)
     return report
 
 
-def build_report(plan: dict, counts: dict[str, Counter]) -> dict:
+def build_report(plan: dict, counts: dict[str, Counter], exact_copies: int) -> dict:
     read, write = counts["read"], counts["write"]
     removed: dict[str, int] = {}
     for step in ("normalize", "filters"):
@@ -36,8 +38,9 @@ def build_report(plan: dict, counts: dict[str, Counter]) -> dict:
     prepared = counts["prepared"]["documents_written"]
     if "after_exact" in counts:
         removed["exact_duplicate"] = prepared - counts["after_exact"]["documents"]
-    if "after_near" in counts:
-        removed["near_duplicate"] = counts["after_exact"]["documents"] - counts["after_near"]["documents"]
+    if "after_near" in counts:  # the clusters hold the exact copies too; those are counted as exact
+        removed["exact_duplicate"] = exact_copies
+        removed["near_duplicate"] = prepared - counts["after_near"]["documents"] - exact_copies
     filters = counts.get("filters", Counter())
     return {
         "format": REPORT_FORMAT,

@@ -36,8 +36,7 @@ class Stages:
         if self.dedup != "none":
             stages.append(Stage("exact duplicates", 1, self.exact_find))
         if self.dedup == "near":
-            stages += [Stage("minhash signatures", tasks, self.minhash_signatures),
-                       Stage("minhash buckets", self.cfg.dedup.num_buckets, self.minhash_buckets),
+            stages += [Stage("minhash buckets", self.cfg.dedup.num_buckets, self.minhash_buckets),
                        Stage("minhash clusters", 1, self.minhash_clusters)]
         return [*stages, Stage("write", tasks, self.write)]
 
@@ -49,7 +48,7 @@ class Stages:
         if self.cfg.pii:
             names.append("pii")
         names.append("prepared")
-        if self.dedup != "none":
+        if self.dedup == "exact":
             names.append("after_exact")
         if self.dedup == "near":
             names.append("after_near")
@@ -77,9 +76,7 @@ class Stages:
     # ----------------------------------------------------------------------------- pipelines
 
     def prepare(self) -> list:
-        from datatrove.pipeline.dedup.exact_dedup import ExactDedupSignature
-
-        from kolm.data.clean_dedup import exact_config
+        from kolm.data.clean_dedup import ExactSignature, KoreanMinhashSignature, exact_config, minhash_config
         from kolm.data.clean_filters import QualityFilter
         from kolm.data.clean_io import CorpusReader, JsonlGzWriter
         from kolm.data.clean_normalize import Normalize
@@ -93,7 +90,9 @@ class Stages:
             steps.append(PiiMask(self.counts, cfg.pii))
         steps.append(JsonlGzWriter(self.counts, self._path("prepared"), cfg.text_field, level=1, step_name="prepared"))
         if self.dedup != "none":
-            steps.append(ExactDedupSignature(self._path("exact/sigs"), exact_config()))
+            steps.append(ExactSignature(self._path("exact/sigs"), exact_config()))
+        if self.dedup == "near":
+            steps.append(KoreanMinhashSignature(self._path("minhash/sigs"), minhash_config(self.cfg.dedup)))
         return steps
 
     def exact_find(self) -> list:
@@ -108,15 +107,9 @@ class Stages:
         from kolm.data.clean_io import PreparedReader
 
         steps = [PreparedReader(self._path("prepared"), self.cfg.text_field)]
-        if self.dedup != "none":
+        if self.dedup == "exact":
             steps.append(ExactFilter(self._path("exact/dups"), exact_config()))
         return steps
-
-    def minhash_signatures(self) -> list:
-        from kolm.data.clean_dedup import KoreanMinhashSignature, minhash_config
-
-        return [*self._exact_survivors(),
-                KoreanMinhashSignature(self._path("minhash/sigs"), minhash_config(self.cfg.dedup))]
 
     def minhash_buckets(self) -> list:
         from kolm.data.clean_dedup import MinhashBuckets, minhash_config
@@ -137,7 +130,7 @@ class Stages:
         from kolm.data.clean_io import Count, JsonlGzWriter
 
         steps = self._exact_survivors()
-        if self.dedup != "none":
+        if self.dedup == "exact":
             steps.append(Count(self.counts, "after_exact"))
         if self.dedup == "near":
             steps += [MinhashFilter(self._path("minhash/remove")), Count(self.counts, "after_near")]
