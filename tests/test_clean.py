@@ -280,6 +280,39 @@ def test_the_output_shards_and_trains_a_tokenizer(tmp_path, cleaned, tokenizer_d
     assert {"<|rrn|>", "<|phone|>", "<|card|>", "<|account|>", "<|email|>"} <= {t["content"] for t in added}
 
 
+def _books(folder: Path) -> list[Path]:
+    """Two .txt files of one sentence per line, 3 and 2 paragraphs (books) separated by blank lines."""
+    import random
+
+    rng = random.Random(5)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, paragraphs in (("a.txt", 3), ("b.txt", 2)):
+        books = ["\n".join(clean_corpus.sentence(rng) for _ in range(6)) for _ in range(paragraphs)]
+        (folder / name).write_text("\n\n".join(books) + "\n", encoding="utf-8")
+        paths.append(folder / name)
+    return paths
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize(("documents", "expected"), [("lines", 30), ("paragraphs", 5), ("files", 2)])
+def test_documents_choice_sets_what_one_document_is_for_any_worker_count(tmp_path, documents, expected):
+    books = _books(tmp_path / "books")
+    outs = []
+    for workers in ("1", "2"):
+        out = tmp_path / f"out-{workers}"
+        clean(books, out, "--documents", documents, "--workers", workers, "--unit-bytes", "512")
+        outs.append(out)
+    report = json.loads((outs[0] / "report.json").read_text())
+    assert report["documents"]["kept"] == expected
+    blank_lines = 3 if documents == "lines" else 0  # read as empty documents, removed
+    assert report["documents"]["read"] - expected == report["removed"].get("empty", 0) == blank_lines
+    assert tree(outs[0]) == tree(outs[1])
+    texts = [r["text"] for r in read_output(outs[0])]
+    assert all(t.count("\n") == (30 // expected) - 1 for t in texts if documents != "files")
+    assert report["plan"]["config"]["documents"] == documents
+
+
 # --------------------------------------------------------------------------- cli: bad input
 
 

@@ -47,6 +47,14 @@ def _add_corpus_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="skip and count malformed JSON lines instead of stopping")
 
 
+def _add_documents_arg(p: argparse.ArgumentParser) -> None:
+    from kolm.data.corpus import DOCUMENTS
+
+    p.add_argument("--documents", choices=DOCUMENTS, default=DOCUMENTS[0],
+                   help="how .txt/.txt.gz input holds documents: one per line (default), paragraphs separated "
+                        "by blank lines, or one per file; JSONL lines and parquet/arrow rows are always one each")
+
+
 # --------------------------------------------------------------------------- kolm tokenizer train
 
 
@@ -54,6 +62,7 @@ def _add_tokenizer(sub) -> None:
     tools = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tool", required=True)
     p = tools.add_parser("train", help="train a byte-level BPE tokenizer from a corpus")
     _add_corpus_args(p)
+    _add_documents_arg(p)
     p.add_argument("--vocab-size", type=int, required=True)
     p.add_argument("--out", required=True, help="output tokenizer directory")
     p.add_argument("--min-frequency", type=int, default=2)
@@ -62,6 +71,7 @@ def _add_tokenizer(sub) -> None:
     p.set_defaults(func=_tokenizer_train)
     p = tools.add_parser("extend", help="add Korean tokens to an existing byte-level BPE (Phi's); old ids kept")
     _add_corpus_args(p)
+    _add_documents_arg(p)
     p.add_argument("--base", required=True, help="tokenizer directory, or a model directory holding tokenizer.json")
     p.add_argument("--add", type=int, required=True, help="new tokens to learn (at most)")
     p.add_argument("--out", required=True, help="output tokenizer directory")
@@ -79,7 +89,7 @@ def _tokenizer_extend(args: argparse.Namespace) -> int:
     emit(extend_tokenizer(args.base, args.input, args.add, args.out, text_field=args.text_field,
                           skip_malformed=args.skip_malformed, max_documents=args.max_documents,
                           min_frequency=args.min_frequency, non_korean=args.non_korean, force=args.force,
-                          progress=sys.stderr.isatty()))
+                          progress=sys.stderr.isatty(), documents=args.documents))
     return 0
 
 
@@ -88,7 +98,8 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
 
     emit(train_tokenizer(args.input, args.out, args.vocab_size, min_frequency=args.min_frequency,
                           text_field=args.text_field, skip_malformed=args.skip_malformed,
-                          max_documents=args.max_documents, force=args.force, progress=sys.stderr.isatty()))
+                          max_documents=args.max_documents, force=args.force, progress=sys.stderr.isatty(),
+                          documents=args.documents))
     return 0
 
 
@@ -98,6 +109,7 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
 def _add_shard(sub) -> None:
     p = sub.add_parser("shard", help="tokenize a corpus into MMIDIDX shards (also: kolm shard verify|stats|merge DIR)")
     _add_corpus_args(p, required=False)
+    _add_documents_arg(p)
     p.add_argument("--tokenizer", help="tokenizer directory")
     p.add_argument("--out", help="output shard directory")
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
@@ -137,7 +149,8 @@ def _shard(args: argparse.Namespace) -> int:
     # Defaults live in ShardOptions; the command line only overrides what it was given.
     given = {name: getattr(args, name) for name in ("valid_fraction", "max_shard_tokens", "unit_bytes", "chunk_docs",
                                                     "piece_bytes") if getattr(args, name) is not None}
-    options = ShardOptions(text_field=args.text_field, skip_malformed=args.skip_malformed, **given)
+    options = ShardOptions(text_field=args.text_field, skip_malformed=args.skip_malformed, documents=args.documents,
+                           **given)
     start = time.perf_counter()
     manifest = run_shard(
         args.input, args.tokenizer, args.out, options, workers=args.workers,
@@ -421,6 +434,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _add_clean(sub) -> None:
     p = sub.add_parser("clean", help="normalize, filter, mask PII and deduplicate a corpus (datatrove)")
     _add_corpus_args(p)
+    _add_documents_arg(p)
     p.add_argument("--out", required=True, help="output directory (cleaned *.jsonl.gz, report.json, removed/)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--filters", choices=("default", "none"), default="default", help="quality filters")
@@ -443,7 +457,7 @@ def _clean(args: argparse.Namespace) -> int:
     from kolm.data.shard import default_task
 
     settings = [*args.settings, *([f"unit_bytes={args.unit_bytes}"] if args.unit_bytes else [])]
-    cfg = preset(args.filters, args.pii, args.dedup, args.text_field, args.skip_malformed, settings)
+    cfg = preset(args.filters, args.pii, args.dedup, args.text_field, args.skip_malformed, settings, args.documents)
     num_tasks, task_index = default_task()
     start = time.perf_counter()
     report = run_clean(args.input, args.out, cfg, workers=args.workers, overwrite=args.overwrite,

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from kolm.data.clean_config import CleanConfig
-from kolm.data.corpus import find_inputs, plan_units
+from kolm.data.corpus import check_documents, find_inputs, plan_units
 from kolm.errors import KolmError
 from kolm.files import atomic_write_json, read_json
 from kolm.log import say
@@ -49,7 +49,8 @@ REMOVED = "removed"
 def make_plan(inputs: list[str], cfg: CleanConfig) -> tuple[dict, list]:
     """What this run builds: identical plans mean the same output."""
     files = find_inputs(inputs)
-    units = plan_units(files, cfg.unit_bytes)
+    check_documents(cfg.documents, files)
+    units = plan_units(files, cfg.unit_bytes, cfg.documents)
     plan = {
         "format": FORMAT,
         "inputs": [{"path": f.path, "size": f.size, "mtime_ns": f.mtime_ns} for f in files],

@@ -87,6 +87,7 @@ class CleanConfig:
 
     text_field: str = "text"
     skip_malformed: bool = False
+    documents: str = "lines"  # how .txt input holds documents: lines, paragraphs or files
     filters: FilterConfig = field(default_factory=FilterConfig)
     pii: tuple[str, ...] = PII_KINDS
     dedup: DedupConfig = field(default_factory=DedupConfig)
@@ -117,13 +118,13 @@ class CleanConfig:
 
 
 def preset(filters: str = "default", pii: str = "mask", dedup: str = "near", text_field: str = "text",
-           skip_malformed: bool = False, overrides: list[str] | None = None) -> CleanConfig:
+           skip_malformed: bool = False, overrides: list[str] | None = None, documents: str = "lines") -> CleanConfig:
     """The configuration the command line asks for: presets, then ``key=value`` overrides."""
     if filters not in ("default", "none"):
         raise KolmError(f"--filters {filters!r}: choose default or none")
     if pii not in ("mask", "keep"):
         raise KolmError(f"--pii {pii!r}: choose mask or keep")
-    cfg = CleanConfig(text_field=text_field, skip_malformed=skip_malformed,
+    cfg = CleanConfig(text_field=text_field, skip_malformed=skip_malformed, documents=documents,
                       filters=FilterConfig(enabled=filters == "default"),
                       pii=PII_KINDS if pii == "mask" else (), dedup=DedupConfig(mode=dedup))
     cfg = apply_overrides(cfg, overrides or [])

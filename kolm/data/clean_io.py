@@ -61,16 +61,18 @@ class CorpusReader(CountingStep):
 
     name = "read"
 
-    def __init__(self, counts_dir: str, units: list[Unit], text_field: str, skip_malformed: bool):
+    def __init__(self, counts_dir: str, units: list[Unit], text_field: str, skip_malformed: bool,
+                 documents: str = "lines"):
         super().__init__(counts_dir)
         self.units, self.text_field, self.skip_malformed = units, text_field, skip_malformed
+        self.documents = documents
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         decoder = Decoder(self.text_field, self.skip_malformed)
         stats: Counter = Counter()
         n = 0
         pieces: list[str] = []
-        for chunk in iter_chunks(self.units[rank], CHUNK_DOCS, CHUNK_BYTES, PIECE_BYTES):
+        for chunk in iter_chunks(self.units[rank], CHUNK_DOCS, CHUNK_BYTES, PIECE_BYTES, self.documents):
             for record in self._records(chunk, decoder, stats, pieces):
                 text = record[self.text_field]
                 self.counts["documents_read"] += 1
@@ -81,7 +83,7 @@ class CorpusReader(CountingStep):
         self.save(rank)
 
     def _records(self, chunk: Chunk, decoder: Decoder, stats: Counter, pieces: list[str]):
-        """Records of a chunk; the pieces of an over-long plain-text line are joined back into one."""
+        """Records of a chunk; the pieces of an over-long plain-text document are joined back into one."""
         for i, raw in enumerate(chunk.records):
             record = decoder.record(chunk, i, raw, stats)
             if record is None:

@@ -83,7 +83,8 @@ class Stages:
         from kolm.data.clean_pii import PiiMask
 
         cfg = self.cfg
-        steps = [CorpusReader(self.counts, self.units, cfg.text_field, cfg.skip_malformed), Normalize(self.counts)]
+        steps = [CorpusReader(self.counts, self.units, cfg.text_field, cfg.skip_malformed, cfg.documents),
+                 Normalize(self.counts)]
         if cfg.filters.enabled:
             steps.append(QualityFilter(self.counts, cfg.filters))
         if cfg.pii:

@@ -3,6 +3,10 @@
 Reading (bytes off disk, in order) happens in one process; normalizing and tokenizing happen in
 workers. Everything here is deterministic: the same inputs give the same units, chunks and
 documents whatever the number of workers or array tasks.
+
+A plain-text file holds documents in one of three ways (``documents``): one per line (``lines``),
+runs of non-blank lines separated by blank lines (``paragraphs``), or one per file (``files``).
+JSONL lines and parquet/arrow rows are always one document each.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import glob
 import gzip
 import importlib.metadata
+import itertools
 import json
 import os
 import unicodedata
@@ -29,6 +34,8 @@ FORMATS = {
 }
 FORMAT_HELP = ", ".join(FORMATS)
 NORMALIZATION = "utf8-replace+nfc+strip"
+# How plain text (.txt, .txt.gz) is cut into documents; the first is the default.
+DOCUMENTS = ("lines", "paragraphs", "files")
 
 # Piece flags for documents longer than the piece size: they travel as several chunks.
 WHOLE, FIRST, MIDDLE, LAST = 0, 1, 2, 3
@@ -128,9 +135,21 @@ def _expand(spec: str) -> list[str]:
     return [str(Path(spec).resolve())]
 
 
-def plan_units(files: list[InputFile], unit_bytes: int) -> list[Unit]:
+def check_documents(documents: str, files: list[InputFile]) -> None:
+    """Refuse an unknown ``documents`` choice, or one that none of ``files`` is read with."""
+    if documents not in DOCUMENTS:
+        raise KolmError(f"--documents {documents!r}: choose one of {', '.join(DOCUMENTS)}")
+    if documents != "lines" and not any(f.format == "text" for f in files):
+        raise KolmError(
+            f"--documents {documents} applies to .txt and .txt.gz inputs, and none was given (a JSONL line "
+            "or a parquet/arrow row is always one document): drop --documents"
+        )
+
+
+def plan_units(files: list[InputFile], unit_bytes: int, documents: str = "lines") -> list[Unit]:
     """Cut the inputs into units of about ``unit_bytes``: big plain files split into byte
-    ranges, small files grouped in order. Depends only on the file list and sizes."""
+    ranges (never a file that is one document), small files grouped in order. Depends only on
+    the file list, the sizes and ``documents``."""
     units: list[Unit] = []
     group: list[Segment] = []
     group_bytes = 0
@@ -142,7 +161,7 @@ def plan_units(files: list[InputFile], unit_bytes: int) -> list[Unit]:
             group, group_bytes = [], 0
 
     for f in files:
-        if f.splittable and f.size > unit_bytes:
+        if f.splittable and f.size > unit_bytes and not (documents == "files" and f.format == "text"):
             flush()
             for start in range(0, f.size, unit_bytes):
                 units.append(Unit(len(units), (Segment(f, start, min(f.size, start + unit_bytes)),)))
@@ -158,15 +177,25 @@ def plan_units(files: list[InputFile], unit_bytes: int) -> list[Unit]:
     return units
 
 
-def iter_chunks(unit: Unit, chunk_docs: int, chunk_bytes: int, piece_bytes: int) -> Iterator[Chunk]:
-    """Stream a unit's records as chunks of at most ``chunk_docs`` records / ``chunk_bytes``."""
-    for seg in unit.segments:
-        if seg.file.format in ("text", "jsonl"):
-            yield from _line_chunks(seg, chunk_docs, chunk_bytes, piece_bytes)
-        elif seg.file.format == "parquet":
-            yield from _parquet_chunks(seg, chunk_docs)
-        else:
-            yield from _arrow_chunks(seg, chunk_docs)
+def iter_chunks(
+    unit: Unit, chunk_docs: int, chunk_bytes: int, piece_bytes: int, documents: str = "lines"
+) -> Iterator[Chunk]:
+    """Stream a unit's records as chunks of at most ``chunk_docs`` records / ``chunk_bytes``; a
+    plain-text record is one document as ``documents`` says. A document longer than
+    ``piece_bytes`` travels alone, as FIRST, MIDDLE... and LAST piece chunks."""
+    for is_text, group in itertools.groupby(unit.segments, key=lambda s: s.file.format == "text"):
+        if is_text and documents == "files":
+            yield from _file_chunks(list(group), chunk_docs, chunk_bytes, piece_bytes)
+            continue
+        for seg in group:
+            if is_text and documents == "paragraphs":
+                yield from _paragraph_chunks(seg, chunk_docs, chunk_bytes, piece_bytes)
+            elif seg.file.format in ("text", "jsonl"):
+                yield from _line_chunks(seg, chunk_docs, chunk_bytes, piece_bytes)
+            elif seg.file.format == "parquet":
+                yield from _parquet_chunks(seg, chunk_docs)
+            else:
+                yield from _arrow_chunks(seg, chunk_docs)
 
 
 def _open_binary(f: InputFile):
@@ -196,7 +225,7 @@ def _line_chunks(seg: Segment, chunk_docs: int, chunk_bytes: int, piece_bytes: i
                     # A line longer than a piece: flush what we have, then stream it in pieces.
                     if records:
                         yield Chunk(kind, records, path, first_line, chunk_offset)
-                    pos += yield from _long_line_pieces(f, line, kind, path, line_no, pos, piece_bytes)
+                    pos += yield from _long_pieces(_line_blocks(f, line), kind, path, line_no, pos, piece_bytes)
                     records, size = [], 0
                 else:
                     if not records:
@@ -210,7 +239,7 @@ def _line_chunks(seg: Segment, chunk_docs: int, chunk_bytes: int, piece_bytes: i
                         records, size = [], 0
                 line_no += 1
     except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise KolmError(f"{path}: read failed ({e}); the file is truncated or corrupt") from e
+        raise _read_failed(path, e) from e
     if records:
         yield Chunk(kind, records, path, first_line, chunk_offset)
 
@@ -220,7 +249,18 @@ def _seek_to_line(f, start: int) -> int:
     if start == 0:
         return 0
     f.seek(start - 1)
-    return start - 1 + len(f.readline())
+    return start - 1 + sum(len(block) for block in _line_blocks(f, f.readline(1 << 20)))
+
+
+def _line_blocks(f, head: bytes) -> Iterator[bytes]:
+    """The bytes of one line, ``head`` (its first block, read with a size limit) and then the
+    rest in blocks of at most ``len(head)`` bytes, up to its newline or the end of the file."""
+    block, limit = head, len(head)
+    while block:
+        yield block
+        if block.endswith(b"\n"):
+            return
+        block = f.readline(limit)
 
 
 # Whitespace-only pieces after a line's content are held back (they may be its trailing
@@ -228,14 +268,14 @@ def _seek_to_line(f, start: int) -> int:
 MAX_HELD_PIECES = 16
 
 
-def _long_line_pieces(f, head: bytes, kind: str, path: str, line_no: int, pos: int, piece_bytes: int):
-    """Yield one over-long line as FIRST/MIDDLE/LAST piece chunks of bounded size, stripping
-    the line's leading and trailing whitespace as a short line would be. Returns the number
-    of bytes consumed."""
+def _long_pieces(blocks: Iterator[bytes], kind: str, path: str, line_no: int | None, pos: int, piece_bytes: int):
+    """Yield one over-long document, given as its raw bytes in ``blocks``, as FIRST/MIDDLE/LAST
+    piece chunks of bounded size, stripping its leading and trailing whitespace as a short one
+    would be. Returns the number of bytes consumed (when ``blocks`` are the file's bytes)."""
     started = False
     held: list[tuple[bytes, int]] = []  # whitespace that is trailing unless content follows
     end = pos
-    for piece, offset, last in _raw_pieces(f, head, pos, piece_bytes):
+    for piece, offset, last in _raw_pieces(blocks, pos, piece_bytes):
         end = offset + len(piece)
         if not started:
             stripped = piece.lstrip()
@@ -258,25 +298,22 @@ def _long_line_pieces(f, head: bytes, kind: str, path: str, line_no: int, pos: i
     return end - pos
 
 
-def _flush(held: list[tuple[bytes, int]], kind: str, path: str, line_no: int) -> Iterator[Chunk]:
+def _flush(held: list[tuple[bytes, int]], kind: str, path: str, line_no: int | None) -> Iterator[Chunk]:
     """Pass on held whitespace as interior pieces of the document."""
     for piece, offset in held:
         yield Chunk(kind, [piece], path, line_no, offset, MIDDLE)
     held.clear()
 
 
-def _raw_pieces(f, head: bytes, pos: int, piece_bytes: int):
-    """The bytes of one long line as (piece, offset, is_last), each piece at most
+def _raw_pieces(blocks: Iterator[bytes], pos: int, piece_bytes: int):
+    """The bytes of one long document as (piece, offset, is_last), each piece at most
     ``piece_bytes``. Pieces are cut just before a space when there is one (byte-level BPE
     starts a word at its leading space, so the tokens match those of the whole line), else at
     a character boundary."""
-    buf, offset = head, pos
-    while True:
-        # At most one piece is buffered here; read on until the newline or the end of the file.
-        more = b"" if buf.endswith(b"\n") else f.readline(piece_bytes)
-        if not more:
-            yield buf, offset, True
-            return
+    blocks = iter(blocks)
+    buf, offset = next(blocks, b""), pos
+    # About one piece is buffered here; blocks run to the document's end.
+    for more in blocks:
         buf += more
         # Cut only once the next bytes are here, so a cut never splits a character.
         while len(buf) > piece_bytes:
@@ -284,6 +321,7 @@ def _raw_pieces(f, head: bytes, pos: int, piece_bytes: int):
             yield buf[:cut], offset, False
             offset += cut
             buf = buf[cut:]
+    yield buf, offset, True
 
 
 def _cut_point(buf: bytes) -> int:
@@ -297,6 +335,189 @@ def _cut_point(buf: bytes) -> int:
     if cut > 0 and buf[cut - 1] >= 0xC0:
         cut -= 1
     return cut or len(buf)
+
+
+# --------------------------------------------------------------------------- paragraphs and files
+
+
+def _read_failed(path: str, e: Exception) -> KolmError:
+    return KolmError(f"{path}: read failed ({e}); the file is truncated or corrupt")
+
+
+def _file_chunks(segs: list[Segment], chunk_docs: int, chunk_bytes: int, piece_bytes: int) -> Iterator[Chunk]:
+    """Whole plain-text files as documents, small ones several to a chunk; a file longer than a
+    piece travels alone, in pieces, so memory stays bounded."""
+    records: list[bytes] = []
+    size, source = 0, ""
+    for seg in segs:
+        path = seg.file.path
+        try:
+            with _open_binary(seg.file) as f:
+                blocks = iter(lambda f=f: f.read(piece_bytes), b"")
+                head, more = next(blocks, b""), next(blocks, b"")
+                if more:
+                    if records:
+                        yield Chunk("text", records, source, 1, 0)
+                        records, size = [], 0
+                    yield from _long_pieces(itertools.chain((head, more), blocks), "text", path, 1, 0, piece_bytes)
+                    continue
+        except (OSError, EOFError, gzip.BadGzipFile) as e:
+            raise _read_failed(path, e) from e
+        if not records:
+            source = path
+        records.append(head)
+        size += len(head)
+        if len(records) >= chunk_docs or size >= chunk_bytes:
+            yield Chunk("text", records, source, 1, 0)
+            records, size = [], 0
+    if records:
+        yield Chunk("text", records, source, 1, 0)
+
+
+def _paragraph_chunks(seg: Segment, chunk_docs: int, chunk_bytes: int, piece_bytes: int) -> Iterator[Chunk]:
+    """Runs of non-blank lines as documents, each line stripped, joined with a newline; a
+    paragraph longer than a piece travels alone, in pieces."""
+    path = seg.file.path
+    records: list[bytes] = []
+    size, first_line, offset = 0, None, seg.start
+    try:
+        with _open_binary(seg.file) as f:
+            for at, line_no, head, rest in _paragraphs(f, seg, piece_bytes):
+                if rest is not None:
+                    if records:
+                        yield Chunk("text", records, path, first_line, offset)
+                        records, size = [], 0
+                    yield from _long_pieces(itertools.chain(head, rest), "text", path, line_no, at, piece_bytes)
+                    continue
+                if not records:
+                    offset, first_line = at, line_no
+                records.append(b"".join(head))
+                size += len(records[-1])
+                if len(records) >= chunk_docs or size >= chunk_bytes:
+                    yield Chunk("text", records, path, first_line, offset)
+                    records, size = [], 0
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise _read_failed(path, e) from e
+    if records:
+        yield Chunk("text", records, path, first_line, offset)
+
+
+def _paragraphs(f, seg: Segment, piece_bytes: int):
+    """(offset, line number, head, rest) of each paragraph the segment owns: those whose first
+    line starts inside it, each read to its end (past the segment's end if need be). ``head``
+    holds its text up to a little over a piece; ``rest`` is None when that is all of it, else
+    the generator of the remainder, to be consumed before the next paragraph."""
+    lines = _Lines(f, _paragraph_start(f, seg.start, piece_bytes), piece_bytes, seg.start == 0)
+    while seg.end is None or lines.pos < seg.end:
+        at, line_no = lines.pos, lines.line_no
+        block = lines.read()
+        if not block:
+            return
+        if lines.blank(block):
+            continue
+        text = lines.paragraph(block)
+        head, size = [], 0
+        for part in text:
+            head.append(part)
+            size += len(part)
+            if size > piece_bytes:
+                yield at, line_no, head, text
+                break
+        else:
+            yield at, line_no, head, None
+
+
+class _Lines:
+    """A plain-text file read line by line in blocks of at most ``limit`` bytes. A line is blank
+    when it fits in one block and holds nothing but ASCII whitespace."""
+
+    def __init__(self, f, pos: int, limit: int, numbered: bool):
+        self.f, self.pos, self.limit = f, pos, limit
+        self.line_no = 1 if numbered else None  # known only when reading from the file's start
+
+    def read(self) -> bytes:
+        """The first block of the next line (empty at the end of the file)."""
+        block = self.f.readline(self.limit)
+        self.pos += len(block)
+        if self.line_no is not None and block:
+            self.line_no += 1
+        return block
+
+    def long(self, block: bytes) -> bool:
+        return len(block) == self.limit and not block.endswith(b"\n")
+
+    def blank(self, block: bytes) -> bool:
+        return not self.long(block) and not block.strip()
+
+    def rest(self, block: bytes) -> Iterator[bytes]:
+        """The blocks that follow ``block`` on its line."""
+        while self.long(block):
+            block = self.f.readline(self.limit)
+            if not block:
+                return
+            self.pos += len(block)
+            yield block
+
+    def paragraph(self, block: bytes) -> Iterator[bytes]:
+        """A paragraph's text from the first block of its first line on: lines stripped and
+        joined with a newline. Reads through the blank line that ends it."""
+        readline, limit, sep = self.f.readline, self.limit, b""
+        while block:
+            if len(block) == limit and not block.endswith(b"\n"):  # a long line
+                yield sep + block.lstrip()
+                yield from _rstrip_last(self.rest(block))
+            else:
+                stripped = block.strip()
+                if not stripped:
+                    return  # the blank line that ends the paragraph
+                yield sep + stripped
+            sep = b"\n"
+            # The inner loop of paragraph reading: `read` inlined.
+            block = readline(limit)
+            self.pos += len(block)
+            if self.line_no is not None and block:
+                self.line_no += 1
+
+
+def _rstrip_last(blocks: Iterator[bytes]) -> Iterator[bytes]:
+    """The blocks of the rest of a long line without its trailing whitespace (exactly, unless
+    that whitespace spans more than ``MAX_HELD_PIECES`` blocks)."""
+    last: bytes | None = None  # the last block with content, held back to be stripped
+    held: list[bytes] = []  # whitespace-only blocks after it
+    for block in blocks:
+        if block.strip() or len(held) >= MAX_HELD_PIECES:
+            yield from ([last] if last is not None else []) + held
+            last, held = block, []
+        else:
+            held.append(block)
+    if last is not None:
+        yield last.rstrip()
+
+
+def _paragraph_start(f, start: int, limit: int) -> int:
+    """Position ``f`` at the first line at or after ``start`` that does not continue a paragraph
+    begun before ``start`` (whose segment reads it); return its offset."""
+    pos = _seek_to_line(f, start)
+    if pos == 0 or _blank_before(f, pos, limit):
+        f.seek(pos)
+        return pos
+    f.seek(pos)
+    lines = _Lines(f, pos, limit, False)
+    for _ in lines.paragraph(lines.read()):
+        pass
+    return lines.pos
+
+
+def _blank_before(f, pos: int, limit: int) -> bool:
+    """Whether the line that ends at ``pos`` is blank as `_Lines` judges it, read backwards."""
+    low = max(0, pos - 1 - limit)
+    f.seek(low)
+    window = f.read(pos - 1 - low)
+    newline = window.rfind(b"\n")
+    if newline < 0 and low > 0:
+        return False  # longer than a block: never blank
+    line = window[newline + 1 :]
+    return len(line) < limit and not line.strip()
 
 
 def _parquet_chunks(seg: Segment, chunk_docs: int) -> Iterator[Chunk]:

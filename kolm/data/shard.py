@@ -33,6 +33,7 @@ import numpy as np
 
 from kolm.data import manifest as mf
 from kolm.data.corpus import (
+    DOCUMENTS,
     FIRST,
     LAST,
     NORMALIZATION,
@@ -41,6 +42,7 @@ from kolm.data.corpus import (
     Decoder,
     InputFile,
     Unit,
+    check_documents,
     find_inputs,
     iter_chunks,
     plan_units,
@@ -68,8 +70,11 @@ class ShardOptions:
     chunk_docs: int = 4096  # per chunk sent to a worker (and at most chunk_bytes of text)
     chunk_bytes: int = 1 << 20
     piece_bytes: int = 1 << 20
+    documents: str = DOCUMENTS[0]  # how .txt input holds documents: lines, paragraphs or files
 
     def validate(self) -> None:
+        if self.documents not in DOCUMENTS:
+            raise KolmError(f"--documents {self.documents!r}: choose one of {', '.join(DOCUMENTS)}")
         if not 0.0 <= self.valid_fraction < 1.0:
             raise KolmError(f"--valid-fraction {self.valid_fraction} must be in [0, 1)")
         for name in ("max_shard_tokens", "unit_bytes", "chunk_docs", "chunk_bytes"):
@@ -384,7 +389,7 @@ class UnitJob:
 
     def chunks(self) -> Iterator[Chunk]:
         o = self.options
-        stream = iter_chunks(self.unit, o.chunk_docs, o.chunk_bytes, o.piece_bytes)
+        stream = iter_chunks(self.unit, o.chunk_docs, o.chunk_bytes, o.piece_bytes, o.documents)
         return itertools.islice(stream, self.chunks_done, None)
 
     def apply(self, result: dict) -> bool:
@@ -427,7 +432,7 @@ class UnitJob:
 
 def make_plan(files: list[InputFile], tok: TokenizerInfo, options: ShardOptions) -> dict:
     """Everything that determines the output; a restart must find the same plan."""
-    units = plan_units(files, options.unit_bytes)
+    units = plan_units(files, options.unit_bytes, options.documents)
     return {
         **_identity(files, tok, options),
         "mtimes_ns": [f.mtime_ns for f in files],
@@ -464,7 +469,7 @@ def prepare_output(out: Path, plan: dict, overwrite: bool) -> bool:
             elif p.exists():
                 p.unlink()
     if manifest.is_file():
-        existing = read_json(manifest)
+        existing = _with_default_documents(read_json(manifest))
         if all(existing.get(k) == plan[k] for k in mf.IDENTITY_KEYS):
             return True
         raise KolmError(
@@ -472,7 +477,7 @@ def prepare_output(out: Path, plan: dict, overwrite: bool) -> bool:
             "choose another --out, or pass --overwrite to replace it"
         )
     if plan_file.is_file():
-        existing = read_json(plan_file)
+        existing = _with_default_documents(read_json(plan_file))
         if existing != plan:
             raise KolmError(
                 f"{out} holds unfinished work from {_describe_difference(existing, plan)}; "
@@ -485,6 +490,14 @@ def prepare_output(out: Path, plan: dict, overwrite: bool) -> bool:
     (out / WORK).mkdir(parents=True, exist_ok=True)
     atomic_write_json(plan_file, plan)
     return False
+
+
+def _with_default_documents(recorded: dict) -> dict:
+    """A plan or manifest written before ``documents`` was an option read one document per line."""
+    options = recorded.get("options")
+    if isinstance(options, dict) and "documents" not in options:
+        return {**recorded, "options": {**options, "documents": DOCUMENTS[0]}}
+    return recorded
 
 
 def default_task() -> tuple[int, int]:
@@ -516,6 +529,7 @@ def run_shard(
     workers = workers or os.cpu_count() or 1
     tok = load_tokenizer_info(tokenizer)
     files = find_inputs(inputs)
+    check_documents(options.documents, files)
     plan = make_plan(files, tok, options)
     out = Path(out)
     if prepare_output(out, plan, overwrite):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kolm.data.clean_config import PII_TOKENS
-from kolm.data.corpus import Decoder, find_inputs, iter_chunks, plan_units
+from kolm.data.corpus import Decoder, check_documents, find_inputs, iter_chunks, plan_units
 from kolm.errors import KolmError
 from kolm.files import sha256_file
 
@@ -70,12 +70,15 @@ def _is_holdout(text: str) -> bool:
     return int.from_bytes(digest, "little") % HOLDOUT_EVERY == 0
 
 
-def iter_documents(inputs: list[str], text_field: str, skip_malformed: bool, stats: Counter) -> Iterator[str]:
-    """Stream normalized documents from corpus inputs (long lines arrive in pieces)."""
+def iter_documents(inputs: list[str], text_field: str, skip_malformed: bool, stats: Counter,
+                   documents: str = "lines") -> Iterator[str]:
+    """Stream normalized documents from corpus inputs (long ones arrive in pieces); ``documents``
+    says how plain text holds them (lines, paragraphs or files)."""
     files = find_inputs(inputs)
+    check_documents(documents, files)
     decoder = Decoder(text_field, skip_malformed)
-    for unit in plan_units(files, unit_bytes=1 << 62):
-        for chunk in iter_chunks(unit, chunk_docs=4096, chunk_bytes=1 << 22, piece_bytes=1 << 20):
+    for unit in plan_units(files, 1 << 62, documents):
+        for chunk in iter_chunks(unit, chunk_docs=4096, chunk_bytes=1 << 22, piece_bytes=1 << 20, documents=documents):
             for i, record in enumerate(chunk.records):
                 text = decoder.text(chunk, i, record, stats)
                 if text:
@@ -104,8 +107,10 @@ class TokenizerReport:
 class TrainingStream:
     """The corpus as training text, holding back a deterministic ~2% to measure compression."""
 
-    def __init__(self, inputs: list[str], text_field: str, skip_malformed: bool, max_documents: int | None):
+    def __init__(self, inputs: list[str], text_field: str, skip_malformed: bool, max_documents: int | None,
+                 documents: str = "lines"):
         self.inputs, self.text_field, self.skip_malformed = inputs, text_field, skip_malformed
+        self.documents = documents
         self.max_documents = max_documents
         self.stats: Counter = Counter()
         self.holdout: list[str] = []
@@ -114,7 +119,7 @@ class TrainingStream:
         self.pii_tokens: set[str] = set()  # kolm clean's PII masks seen in the corpus
 
     def __iter__(self) -> Iterator[str]:
-        for text in iter_documents(self.inputs, self.text_field, self.skip_malformed, self.stats):
+        for text in iter_documents(self.inputs, self.text_field, self.skip_malformed, self.stats, self.documents):
             if self.max_documents is not None and self.used >= self.max_documents:
                 return
             if "<|" in text:
@@ -137,8 +142,8 @@ class TrainingStream:
 
     def sample(self) -> list[str]:
         """The held-back text, or (for a tiny corpus) the first documents."""
-        return self.holdout or [t for t, _ in zip(iter_documents(self.inputs, self.text_field, True, Counter()),
-                                                  range(1000))]
+        docs = iter_documents(self.inputs, self.text_field, True, Counter(), self.documents)
+        return self.holdout or [t for t, _ in zip(docs, range(1000))]
 
 
 def _bpe(vocab_size: int, min_frequency: int, progress: bool):
@@ -163,6 +168,7 @@ def train_tokenizer(
     max_documents: int | None = None,
     force: bool = False,
     progress: bool = True,
+    documents: str = "lines",
 ) -> TokenizerReport:
     """Train a byte-level BPE with ``<|endoftext|>`` as BOS/EOS/PAD and save it to ``out``."""
     from transformers import PreTrainedTokenizerFast
@@ -171,7 +177,7 @@ def train_tokenizer(
     if vocab_size < MIN_VOCAB:
         raise KolmError(f"--vocab-size {vocab_size} is too small: use at least {MIN_VOCAB}")
     refuse_existing_output(out, force)
-    stream = TrainingStream(inputs, text_field, skip_malformed, max_documents)
+    stream = TrainingStream(inputs, text_field, skip_malformed, max_documents, documents)
     tok, trainer = _bpe(vocab_size, min_frequency, progress)
     tok.train_from_iterator(iter(stream), trainer=trainer)
     if stream.used == 0:

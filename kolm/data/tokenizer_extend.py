@@ -429,6 +429,7 @@ def extend_tokenizer(
     non_korean: list[str] | None = None,
     force: bool = False,
     progress: bool = True,
+    documents: str = "lines",
 ) -> ExtensionReport:
     """Learn up to ``add`` Korean tokens from ``inputs`` on top of the byte-level BPE in ``base`` and
     write the extended tokenizer (and kolm_extension.json) to ``out``."""
@@ -442,7 +443,7 @@ def extend_tokenizer(
         raise KolmError(f"--min-frequency {min_frequency}: must be at least 1")
     refuse_existing_output(out, force)
     source = _load_base(base)
-    stream = TrainingStream(inputs, text_field, skip_malformed, max_documents)
+    stream = TrainingStream(inputs, text_field, skip_malformed, max_documents, documents)
     words = Counter(word for text in stream for word in _korean_words(source, text))
     if stream.used == 0:
         raise KolmError("the corpus holds no text: every line was empty or skipped")
