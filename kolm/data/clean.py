@@ -2,7 +2,7 @@
 
 Stages (each a datatrove pipeline run as tasks; a task is one work unit of the input):
 
-    prepare   read → normalize → filters → PII → work/prepared/TASK.jsonl.gz (+ exact-dedup hashes;
+    prepare   read → normalize → filters → PII → work/prepared/TASK.jsonl (+ exact-dedup hashes;
               with --dedup near also the MinHash signatures, datatrove's MinHash step 1)
     exact     find exact duplicates over all tasks (one task)
     minhash   buckets → clusters (datatrove's MinHash steps 2-3)

@@ -25,6 +25,7 @@ FILTER_NAMES = ("runs", "boilerplate", "length", "hangul", "repetition", "spam")
 _HANGUL = re.compile("[\uac00-\ud7a3\u1100-\u11ff\u3131-\u318e]")
 _LETTER = re.compile(r"[^\W\d_]")
 _SEPARATORS = re.compile(r"\s*[|·/>›»]\s*")
+_HAS_SEPARATOR = re.compile("[|·/>›»]")
 
 
 def count(pattern: re.Pattern, text: str) -> int:
@@ -65,6 +66,8 @@ class BoilerplateLines:
         low = line.lower()
         if low in self.phrases or low.startswith(("copyright", "ⓒ", "©")):
             return True
+        if not _HAS_SEPARATOR.search(low):
+            return False
         parts = [p for p in _SEPARATORS.split(low) if p]
         if len(parts) >= 2 and all(p in self.phrases for p in parts):
             return True

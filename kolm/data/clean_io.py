@@ -11,6 +11,7 @@ the report adds those files up.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -102,34 +103,48 @@ def _dumps(record: dict) -> bytes:
 
 
 class JsonlGzWriter(CountingStep):
-    """Writes each task's documents to ``FOLDER/TASK.jsonl.gz``, byte for byte the same on every run
-    (no time or name in the gzip header); the cleaned text replaces the record's text field."""
+    """Writes each task's documents to ``FOLDER/TASK.jsonl.gz`` (``level=0``: ``TASK.jsonl``,
+    uncompressed), byte for byte the same on every run (no time or name in the gzip header); the
+    cleaned text replaces the record's text field."""
 
     name = "write"
+    BLOCK = 1 << 20  # bytes handed to the compressor at a time
 
     def __init__(self, counts_dir: str, folder: str, text_field: str, level: int = 6, step_name: str = "write"):
         super().__init__(counts_dir)
         self.folder, self.text_field, self.level, self.name = folder, text_field, level, step_name
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        path = Path(self.folder) / f"{rank:05d}.jsonl.gz"
+        path = Path(self.folder) / (f"{rank:05d}.jsonl.gz" if self.level else f"{rank:05d}.jsonl")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".partial")
-        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=self.level,
-                                                   mtime=0) as out:
+        with open(tmp, "wb") as raw, self._compressor(raw) as out:
+            block: list[bytes] = []
+            size = 0
             for doc in data:
                 record = doc.metadata["record"]
                 record[self.text_field] = doc.text
-                out.write(_dumps(record))
+                line = _dumps(record)
+                block.append(line)
+                size += len(line)
+                if size >= self.BLOCK:
+                    out.write(b"".join(block))
+                    block, size = [], 0
                 self.counts["documents_written"] += 1
                 self.counts["bytes_written"] += len(doc.text.encode("utf-8"))
                 yield doc
+            out.write(b"".join(block))
         os.replace(tmp, path)
         self.save(rank)
 
+    def _compressor(self, raw):
+        if not self.level:
+            return contextlib.nullcontext(raw)
+        return gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=self.level, mtime=0)
+
 
 class PreparedReader(PipelineStep):
-    """Reads back task ``rank``'s file written by JsonlGzWriter (one file per task, in task order)."""
+    """Reads back task ``rank``'s uncompressed file written by JsonlGzWriter (one per task)."""
 
     type = "kolm"
     name = "read prepared"
@@ -139,8 +154,8 @@ class PreparedReader(PipelineStep):
         self.folder, self.text_field = folder, text_field
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        path = Path(self.folder) / f"{rank:05d}.jsonl.gz"
-        with gzip.open(path, "rb") as f:
+        path = Path(self.folder) / f"{rank:05d}.jsonl"
+        with open(path, "rb", buffering=1 << 20) as f:
             for n, line in enumerate(f):
                 record = orjson.loads(line)
                 yield Document(text=record[self.text_field], id=f"{rank}/{n}", metadata={"record": record})

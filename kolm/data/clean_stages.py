@@ -89,7 +89,7 @@ class Stages:
             steps.append(QualityFilter(self.counts, cfg.filters))
         if cfg.pii:
             steps.append(PiiMask(self.counts, cfg.pii))
-        steps.append(JsonlGzWriter(self.counts, self._path("prepared"), cfg.text_field, level=1, step_name="prepared"))
+        steps.append(JsonlGzWriter(self.counts, self._path("prepared"), cfg.text_field, level=0, step_name="prepared"))
         if self.dedup != "none":
             steps.append(ExactSignature(self._path("exact/sigs"), exact_config()))
         if self.dedup == "near":
