@@ -155,7 +155,7 @@ def test_batched_signatures_are_datatrove_step_one_byte_for_byte(tmp_path):
     texts += ["", " ", "가나"]
     cfg = minhash_config(DedupConfig())
     batched = KoreanMinhashSignature(str(tmp_path / "batched"), cfg)
-    batched.BATCH_SHINGLES = 2000  # several batches
+    batched.BATCH_SHINGLES, batched.BLOCK_ROWS = 2000, 50  # several batches, several blocks each
     batched.run(Document(text=t, id=str(i)) for i, t in enumerate(texts))
     PerDocument(str(tmp_path / "datatrove"), config=cfg, language="ko").run(
         Document(text=t, id=str(i)) for i, t in enumerate(texts))

@@ -115,7 +115,8 @@ class KoreanMinhashSignature(MinhashDedupSignature):
     datatrove's steps 2-4 expect, at a fraction of the per-document cost."""
 
     name = "MinHash signatures (character n-grams)"
-    BATCH_SHINGLES = 1 << 16  # rows of the (shingles x hashes) matrix per batch: ~60 MB
+    BATCH_SHINGLES = 1 << 16  # characters of text shingled at a time
+    BLOCK_ROWS = 4096  # shingles permuted at a time: the (rows x hashes) block stays in cache
 
     def __init__(self, output_folder: str, config: MinhashConfig):
         super().__init__(output_folder, config=config, language="ko")
@@ -146,13 +147,8 @@ class KoreanMinhashSignature(MinhashDedupSignature):
         keep = counts > 0  # a document without text has no signature (as in datatrove)
         if not keep.any():
             return
-        a, b = self.parameters
-        with np.errstate(over="ignore"):
-            phv = (shingles.reshape(-1, 1) * a + b) % _MERSENNE
-        if self.config.hash_config.precision == 32:
-            phv = np.bitwise_and(phv, self.config.hash_config.max)
         counts = counts[keep]
-        mins = np.minimum.reduceat(phv, np.cumsum(counts) - counts, axis=0)
+        mins = self._minima(shingles, counts)
         doc_ids = np.asarray(ids, dtype=np.uint32)[keep]
         hpb, dtype = self.config.hashes_per_bucket, sig_dtype(self.config)
         for bucket, f in enumerate(files):
@@ -162,11 +158,40 @@ class KoreanMinhashSignature(MinhashDedupSignature):
             records["doc"] = doc_ids
             f.write(records.tobytes())
 
+    def _minima(self, shingles: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """Each document's minimum over its shingles of every permutation (a document's shingles
+        are ``counts[i]`` consecutive entries), in blocks of rows that stay in the CPU cache."""
+        starts = np.cumsum(counts) - counts
+        mins = np.empty((len(counts), self.num_hashes), dtype=np.uint64)
+        cuts = np.searchsorted(starts, np.arange(self.BLOCK_ROWS, len(shingles), self.BLOCK_ROWS))
+        cuts = np.unique(np.concatenate([[0], cuts, [len(counts)]]))
+        for d0, d1 in zip(cuts[:-1], cuts[1:]):
+            r1 = starts[d1] if d1 < len(counts) else len(shingles)
+            phv = self._permute(shingles[starts[d0]:r1].reshape(-1, 1))
+            mins[d0:d1] = np.minimum.reduceat(phv, starts[d0:d1] - starts[d0], axis=0)
+        return mins
+
+    def _permute(self, x: np.ndarray) -> np.ndarray:
+        """datatrove's ``(x * a + b) % (2**61 - 1)`` (with its 64-bit wraparound), the modulus taken
+        with shifts and masks: the same values, without a division per entry."""
+        a, b = self.parameters
+        with np.errstate(over="ignore"):
+            v = x * a
+            v += b
+        high = v >> np.uint64(61)
+        v &= _MERSENNE
+        v += high
+        np.subtract(v, _MERSENNE, out=v, where=v >= _MERSENNE)
+        if self.config.hash_config.precision == 32:
+            v &= np.uint64(self.config.hash_config.max)
+        return v
+
     def _sort_bucket(self, path: str) -> None:
         dtype = sig_dtype(self.config)
         with self.output_folder.open(path, mode="rb") as f:
-            records = np.frombuffer(f.read(), dtype=dtype).copy()
-        records.sort(order=dtype.names)
+            records = np.frombuffer(f.read(), dtype=dtype)
+        # lexsort on the columns: the order of sort(order=dtype.names), several times faster
+        records = records[np.lexsort([records[name] for name in reversed(dtype.names)])]
         with self.output_folder.open(path, mode="wb") as f:
             f.write(records.tobytes())
 
