@@ -116,7 +116,7 @@ class KoreanMinhashSignature(MinhashDedupSignature):
 
     name = "MinHash signatures (character n-grams)"
     BATCH_SHINGLES = 1 << 16  # characters of text shingled at a time
-    BLOCK_ROWS = 4096  # shingles permuted at a time: the (rows x hashes) block stays in cache
+    BLOCK_ROWS = 256  # shingles permuted at a time: each (rows x hashes) array (~230 KB) stays in a core's cache
 
     def __init__(self, output_folder: str, config: MinhashConfig):
         super().__init__(output_folder, config=config, language="ko")
