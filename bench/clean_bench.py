@@ -133,7 +133,9 @@ def format_report(runs: list[Run], args: argparse.Namespace, corpus: Path, tok: 
         f"with `{tok.name}`), uncompressed; kolm clean --unit-bytes {args.unit_bytes}",
         f"- kolm revision: {git_revision()}",
         f"- command: `{command_text}`",
-        f"- {args.repeats} interleaved round(s); docs/s and tok/s are input documents and tokens per wall second",
+        f"- {args.repeats} interleaved round(s); docs/s and tok/s are input documents and tokens per wall second; "
+        "kolm clean's workers are started by datatrove's forkserver, not reaped by the command, so its 'CPU s' is "
+        "the main process only and its workers count in 'others busy'",
         "", *table(runs, documents, tokens, args.workers), "",
         f"Goal (the whole cleaning pass, near dedup included, at no less than half of kolm shard's throughput): "
         f"**{verdict}** ({100 * shard_med / near_med:.1f}% of kolm shard).", "",
