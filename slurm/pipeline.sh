@@ -1,13 +1,15 @@
 #!/bin/bash
 # Submit the whole line as one Slurm dependency chain:
-#   [tokenizer] -> shard (array) -> merge -> pretrain (multi-node, requeues itself) -> convert
-#                                                                                   [-> eval]
+#   [clean (array)] -> [tokenizer] -> shard (array) -> merge -> pretrain (multi-node, requeues itself)
+#                                                                          -> convert [-> eval]
 #
 #   slurm/pipeline.sh --recipe recipes/phi-1_5-ko.yaml --input corpus/*.jsonl.gz \
 #       --tokenizer work/tokenizer [--vocab-size 32000] --shards work/shards \
 #       --out models/phi-1_5-ko [--shard-tasks 8] [--nodes 4] [--time 24:00:00] \
-#       [--eval-tasks kobest_boolq,kobest_copa] [-- key=value ...]
+#       [--clean work/clean [--clean-tasks 4]] [--eval-tasks kobest_boolq,kobest_copa] [-- key=value ...]
 #
+# With --clean DIR, `kolm clean` (slurm/clean.sbatch) first writes the cleaned corpus to DIR, and
+# the tokenizer and the shards are made from DIR instead of the --input files.
 # Run it on a login node, from the directory the job logs should go to (relative paths are
 # relative to it too). The tokenizer is trained first only when
 # --tokenizer does not exist yet (then --vocab-size is required). Everything after `--` overrides
@@ -26,8 +28,8 @@ read -r -a train_sbatch <<<"$KOLM_SBATCH_TRAIN"
 read -r -a cpu_sbatch <<<"$KOLM_SBATCH_CPU"
 read -r -a eval_sbatch <<<"${KOLM_SBATCH_EVAL:-}"
 
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
-recipe= tokenizer= vocab= shards= out= tasks=4 nodes= time= eval_tasks= inputs=() overrides=()
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+recipe= tokenizer= vocab= shards= out= tasks=4 nodes= time= eval_tasks= clean= clean_tasks=4 inputs=() overrides=()
 while [[ $# -gt 0 ]]; do
   case $1 in
     --recipe) recipe=$2; shift 2 ;;
@@ -40,6 +42,8 @@ while [[ $# -gt 0 ]]; do
     --nodes) nodes=$2; shift 2 ;;
     --time) time=$2; shift 2 ;;
     --eval-tasks) eval_tasks=$2; shift 2 ;;
+    --clean) clean=$2; shift 2 ;;
+    --clean-tasks) clean_tasks=$2; shift 2 ;;
     --) shift; overrides=("$@"); break ;;
     -h|--help) usage ;;
     *) echo "pipeline: unknown option $1" >&2; usage ;;
@@ -58,9 +62,16 @@ run_dir=$($KOLM_CONTAINER "$KOLM_PYTHON" -c 'import sys; from kolm.train.config 
 print(load_config(sys.argv[1], sys.argv[2:]).run_dir)' "$recipe" "${overrides[@]}")
 
 dep=()
+if [[ -n $clean ]]; then
+  clean_job=$(sbatch --parsable "${cpu_sbatch[@]}" --array="0-$((clean_tasks - 1))" "$KOLM_HOME/slurm/clean.sbatch" \
+    --input "${inputs[@]}" --out "$clean")
+  echo "clean:     job $clean_job (array of $clean_tasks; report in $clean/report.json)"
+  dep=(--dependency="afterok:$clean_job")
+  inputs=("$clean")
+fi
 if [[ ! -e $tokenizer ]]; then
   [[ -n $vocab ]] || { echo "pipeline: $tokenizer does not exist; give --vocab-size to train it first" >&2; exit 2; }
-  tok_job=$(sbatch --parsable "${cpu_sbatch[@]}" "$KOLM_HOME/slurm/tokenizer.sbatch" --input "${inputs[@]}" \
+  tok_job=$(sbatch --parsable "${dep[@]}" "${cpu_sbatch[@]}" "$KOLM_HOME/slurm/tokenizer.sbatch" --input "${inputs[@]}" \
     --vocab-size "$vocab" --out "$tokenizer")
   echo "tokenizer: job $tok_job"
   dep=(--dependency="afterok:$tok_job")
@@ -80,7 +91,7 @@ echo "pretrain:  job $train_job (log kolm-pretrain-$train_job.out, run directory
 convert_job=$(sbatch --parsable "${cpu_sbatch[@]}" --dependency="afterok:$train_job" "$KOLM_HOME/slurm/convert.sbatch" \
   "$run_dir" --out "$out")
 echo "convert:   job $convert_job (model in $out)"
-jobs="$shard_job $merge_job $train_job $convert_job"
+jobs="${clean_job:+$clean_job }$shard_job $merge_job $train_job $convert_job"
 if [[ -n $eval_tasks ]]; then
   eval_job=$(sbatch --parsable "${eval_sbatch[@]}" --dependency="afterok:$train_job" "$KOLM_HOME/slurm/eval.sbatch" \
     "$run_dir" "$eval_tasks")

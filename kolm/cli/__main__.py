@@ -4,4 +4,6 @@ import sys
 
 from kolm.cli.main import main
 
-sys.exit(main())
+# Guarded: datatrove's worker processes (kolm clean) re-import the main module.
+if __name__ == "__main__":
+    sys.exit(main())

@@ -428,10 +428,51 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- kolm clean
+
+
+def _add_clean(sub) -> None:
+    p = sub.add_parser("clean", help="normalize, filter, mask PII and deduplicate a corpus (datatrove)")
+    _add_corpus_args(p)
+    _add_documents_arg(p)
+    p.add_argument("--out", required=True, help="output directory (cleaned *.jsonl.gz, report.json, removed/)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--filters", choices=("default", "none"), default="default", help="quality filters")
+    p.add_argument("--pii", choices=("mask", "keep"), default="mask", help="replace PII with <|rrn|>, <|phone|>, ...")
+    p.add_argument("--dedup", choices=("near", "exact", "none"), default="near", help="duplicate removal")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="settings",
+                   help="tune one setting of kolm/data/clean_config.py, e.g. min_chars=50 min_hangul_share=0")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier kolm clean output in --out")
+    p.add_argument("--unit-bytes", type=_size, default=None, help="input bytes per task (default 32M)")
+    p.add_argument("--num-tasks", type=int, default=None, help="array tasks (default: SLURM_ARRAY_TASK_COUNT or 1)")
+    p.add_argument("--task-index", type=int, default=None, help="this task (default: from SLURM_ARRAY_TASK_ID)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_clean)
+
+
+def _clean(args: argparse.Namespace) -> int:
+    from kolm.data.clean import run_clean
+    from kolm.data.clean_config import preset
+    from kolm.data.clean_report import summary
+    from kolm.data.shard import default_task
+
+    settings = [*args.settings, *([f"unit_bytes={args.unit_bytes}"] if args.unit_bytes else [])]
+    cfg = preset(args.filters, args.pii, args.dedup, args.text_field, args.skip_malformed, settings, args.documents)
+    num_tasks, task_index = default_task()
+    start = time.perf_counter()
+    report = run_clean(args.input, args.out, cfg, workers=args.workers, overwrite=args.overwrite,
+                       progress=not args.no_progress,
+                       num_tasks=args.num_tasks if args.num_tasks is not None else num_tasks,
+                       task_index=args.task_index if args.task_index is not None else task_index)
+    if report is not None:
+        emit(summary(args.out, report, time.perf_counter() - start))
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 SUBCOMMANDS = (_add_tokenizer, _add_shard, _add_model, _add_train, _add_convert, _add_generate, _add_eval, _add_report,
-               _add_plan, _add_demo)
+               _add_plan, _add_demo, _add_clean)
 
 
 def build_parser() -> argparse.ArgumentParser:

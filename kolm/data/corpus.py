@@ -597,9 +597,28 @@ class Decoder:
             return text.rstrip()
         return text
 
+    def record(self, chunk: Chunk, i: int, raw, stats: dict) -> dict | None:
+        """Record ``i`` of ``chunk`` whole, as a dict whose text field is normalized (a plain text
+        line becomes ``{text_field: line}``), or None for a skipped record."""
+        if chunk.kind == "text":
+            return {self.text_field: self._normalize(self._decode(raw, stats), chunk.piece)}
+        if chunk.kind == "jsonl":
+            obj = self._json_record(chunk, i, self._decode(raw, stats), stats)
+            if obj is None:
+                return None
+        else:
+            value = self._row_field(chunk, i, raw, stats)
+            obj = {**raw, self.text_field: value}
+        obj[self.text_field] = self._normalize(obj[self.text_field], WHOLE)
+        return obj
+
     def _json_field(self, chunk: Chunk, i: int, line: str, stats: dict) -> str | None:
+        obj = self._json_record(chunk, i, line, stats)
+        return None if obj is None else obj[self.text_field]
+
+    def _json_record(self, chunk: Chunk, i: int, line: str, stats: dict) -> dict | None:
         if not line.strip():
-            return ""
+            return {self.text_field: ""}
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
@@ -607,7 +626,7 @@ class Decoder:
         value = obj.get(self.text_field) if isinstance(obj, dict) else None
         if not isinstance(value, str):
             return self._malformed(chunk, i, f"no string field {self.text_field!r}", stats)
-        return value
+        return obj
 
     def _row_field(self, chunk: Chunk, i: int, row: dict, stats: dict) -> str | None:
         value = row.get(self.text_field)

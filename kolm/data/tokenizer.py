@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from kolm.data.clean_config import PII_TOKENS
 from kolm.data.corpus import Decoder, check_documents, find_inputs, iter_chunks, plan_units
 from kolm.errors import KolmError
 from kolm.files import sha256_file
@@ -115,17 +116,29 @@ class TrainingStream:
         self.holdout: list[str] = []
         self.holdout_chars = 0
         self.used = 0
+        self.pii_tokens: set[str] = set()  # kolm clean's PII masks seen in the corpus
 
     def __iter__(self) -> Iterator[str]:
         for text in iter_documents(self.inputs, self.text_field, self.skip_malformed, self.stats, self.documents):
             if self.max_documents is not None and self.used >= self.max_documents:
                 return
+            if "<|" in text:
+                text = self._take_pii_tokens(text)
             if _is_holdout(text) and self.holdout_chars < HOLDOUT_MAX_CHARS:
                 self.holdout.append(text)
                 self.holdout_chars += len(text)
                 continue
             self.used += 1
             yield text
+
+    def _take_pii_tokens(self, text: str) -> str:
+        """Note the PII masks in ``text`` and train on the text without them: they become special
+        tokens, so BPE should not spend merges on their pieces."""
+        for token in PII_TOKENS.values():
+            if token in text:
+                self.pii_tokens.add(token)
+                text = text.replace(token, " ")
+        return text
 
     def sample(self) -> list[str]:
         """The held-back text, or (for a tiny corpus) the first documents."""
@@ -169,8 +182,10 @@ def train_tokenizer(
     tok.train_from_iterator(iter(stream), trainer=trainer)
     if stream.used == 0:
         raise KolmError("the corpus holds no text: every line was empty or skipped")
+    if stream.pii_tokens:
+        tok.add_special_tokens(sorted(stream.pii_tokens))
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS,
-                                      unk_token=EOS)
+                                      unk_token=EOS, additional_special_tokens=sorted(stream.pii_tokens))
     write_dir_atomically(out, force, lambda tmp: wrapped.save_pretrained(str(tmp)))
     sample = stream.sample()
     tokens = sum(len(e.ids) for e in tok.encode_batch(sample, add_special_tokens=False))

@@ -1,0 +1,149 @@
+"""`kolm clean`: normalize, filter, mask PII and deduplicate a corpus, on datatrove.
+
+Stages (each a datatrove pipeline run as tasks; a task is one work unit of the input):
+
+    prepare   read → normalize → filters → PII → work/prepared/TASK.jsonl (+ exact-dedup hashes;
+              with --dedup near also the MinHash signatures, datatrove's MinHash step 1)
+    exact     find exact duplicates over all tasks (one task)
+    minhash   buckets → clusters (datatrove's MinHash steps 2-3)
+    write     prepared → drop duplicates → OUT/TASK.jsonl.gz
+
+With --dedup exact, the write stage drops the exact duplicates. With --dedup near, exact copies
+have identical MinHash signatures, so they fall into the near-duplicate clusters too, and the
+write stage drops all but one document of each cluster (MinHash step 4): one pass over the data
+finds both, and no document is kept by one step and dropped by the other. Exact copies are still
+found by hash, and the report counts them apart from the near duplicates.
+
+Output directory::
+
+    00000.jsonl.gz ...   the cleaned records, every input field kept (read as-is by kolm shard)
+    report.json          written last: the run is complete when it exists
+    removed/NAME.json    a few documents each filter removed
+    .work/               plan, intermediate files and datatrove's completion markers (removed at the end)
+
+The tasks depend only on the inputs, so the output is the same for any number of workers, and a
+killed run continues where it stopped when the same command runs again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from kolm.data.clean_config import CleanConfig
+from kolm.data.corpus import check_documents, find_inputs, plan_units
+from kolm.errors import KolmError
+from kolm.files import atomic_write_json, read_json
+from kolm.log import say
+
+FORMAT = 1
+WORK = ".work"
+REPORT = "report.json"
+REMOVED = "removed"
+
+
+def make_plan(inputs: list[str], cfg: CleanConfig) -> tuple[dict, list]:
+    """What this run builds: identical plans mean the same output."""
+    files = find_inputs(inputs)
+    check_documents(cfg.documents, files)
+    units = plan_units(files, cfg.unit_bytes, cfg.documents)
+    plan = {
+        "format": FORMAT,
+        "inputs": [{"path": f.path, "size": f.size, "mtime_ns": f.mtime_ns} for f in files],
+        "config": cfg.as_dict(),
+        "tasks": len(units),
+    }
+    return json.loads(json.dumps(plan)), units  # as it reads back from disk (lists, not tuples)
+
+
+def resolve_spam_file(cfg: CleanConfig) -> CleanConfig:
+    """Fold the user's spam phrase file into the phrase list, so the plan records the phrases themselves."""
+    path = cfg.filters.spam_phrases_file
+    if not path:
+        return cfg
+    try:
+        extra = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError as e:
+        raise KolmError(f"spam_phrases_file {path}: cannot be read ({e.strerror or e})") from e
+    filters = dataclasses.replace(cfg.filters, spam_phrases=(*cfg.filters.spam_phrases, *extra), spam_phrases_file="")
+    return dataclasses.replace(cfg, filters=filters)
+
+
+def _owned(name: str) -> bool:
+    return name in (REPORT, REMOVED, WORK) or (name.endswith(".jsonl.gz") and name[:5].isdigit())
+
+
+def prepare_output(out: Path, plan: dict, overwrite: bool) -> bool:
+    """Check ``out`` against the plan; True when it already holds this run's finished output."""
+    if out.exists() and not out.is_dir():
+        raise KolmError(f"{out} is a file; choose a directory for --out")
+    if overwrite and out.is_dir():
+        for p in out.iterdir():
+            if _owned(p.name):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    if (out / REPORT).is_file():
+        if read_json(out / REPORT).get("plan") == plan:
+            shutil.rmtree(out / WORK, ignore_errors=True)
+            return True
+        raise KolmError(f"{out} already holds cleaned output of another run (other inputs or settings); "
+                        "choose another --out, or pass --overwrite to replace it")
+    plan_file = out / WORK / "plan.json"
+    if plan_file.is_file():
+        if read_json(plan_file) != plan:
+            raise KolmError(f"{out} holds unfinished work of another run (other inputs or settings); re-run that "
+                            "command to finish it, choose another --out, or pass --overwrite")
+        return False
+    foreign = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if foreign:
+        shown = ", ".join(foreign[:5])
+        raise KolmError(f"{out} is not empty ({shown}{' ...' if len(foreign) > 5 else ''}); kolm clean writes only "
+                        "into a new or empty directory (or its own earlier output, with --overwrite)")
+    (out / WORK).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(plan_file, plan)
+    return False
+
+
+def run_clean(inputs: list[str], out: str | os.PathLike, cfg: CleanConfig = CleanConfig(), workers: int | None = None,
+              overwrite: bool = False, progress: bool = True, num_tasks: int = 1, task_index: int = 0) -> dict | None:
+    """Clean ``inputs`` into ``out``; returns the report (also written to ``out/report.json``).
+
+    As array task ``task_index`` of ``num_tasks`` (a Slurm array job, whose tasks must all run at
+    the same time) it does its share of every stage; task 0 writes the report, the others return None.
+    """
+    from kolm.data.clean_report import finish
+    from kolm.data.clean_stages import Stages
+
+    if not 0 <= task_index < num_tasks:
+        raise KolmError(f"--task-index {task_index} must be in [0, {num_tasks})")
+    cfg = resolve_spam_file(cfg)
+    cfg.validate()
+    plan, units = make_plan(inputs, cfg)
+    out = Path(out)
+    done = prepare_output(out, plan, overwrite) if task_index == 0 else wait_for_plan(out, plan)
+    if done:
+        say(f"{out}: already complete; nothing to do")
+        return read_json(out / REPORT)
+    stages = Stages(out, out / WORK, cfg, units)
+    if not stages.run_all(workers or os.cpu_count() or 1, progress, num_tasks, task_index):
+        say(f"task {task_index}/{num_tasks} done; array task 0 writes the report")
+        return None
+    report = finish(out, out / WORK, plan, stages.step_names())
+    shutil.rmtree(out / WORK, ignore_errors=True)
+    return report
+
+
+def wait_for_plan(out: Path, plan: dict, timeout: float = 600.0) -> bool:
+    """Array tasks other than 0 wait for task 0 to check the output directory and record the plan."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (out / REPORT).is_file() and read_json(out / REPORT).get("plan") == plan:
+            return True
+        plan_file = out / WORK / "plan.json"
+        if plan_file.is_file() and read_json(plan_file) == plan:
+            return False
+        time.sleep(1.0)
+    raise KolmError(f"{out}: array task 0 did not start this run within {timeout:.0f}s (see its log)")
