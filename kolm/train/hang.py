@@ -142,7 +142,7 @@ class HangWatch:
         os._exit(EXIT_HANG)
 
     def _write_report(self, quiet: float) -> Path:
-        host = socket.gethostname()
+        host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()  # the scheduler's name for the node
         self.dir.mkdir(parents=True, exist_ok=True)
         now = stamp()
         path = self.dir / f"step{self.step}-rank{self.rank}-{host}-{now}.txt"
