@@ -34,11 +34,11 @@ if [[ $rc == 75 ]]; then
 fi
 if [[ $rc == 5 ]]; then
   restarts=${SLURM_RESTART_COUNT:-0}
-  where="task ${SLURM_PROCID:-0} on $(hostname -s): exit 5 (hang: no training progress for hang_timeout; stacks in the run directory's hangs/)"
+  where="task ${SLURM_PROCID:-0} on ${SLURMD_NODENAME:-$(hostname -s)}: exit 5 (hang: no training progress for hang_timeout; stacks in the run directory's hangs/)"
   if (( restarts >= ${KOLM_MAX_REQUEUES:-50} )); then
     echo "kolm: $where; not requeueing: already restarted $restarts times (KOLM_MAX_REQUEUES=${KOLM_MAX_REQUEUES:-50})" >&2
   else
-    echo "kolm: $where; requeueing job $SLURM_JOB_ID (restart $((restarts + 1)))"
+    echo "kolm: $where; asking Slurm to requeue job $SLURM_JOB_ID (restart $((restarts + 1)))"
     scontrol requeue "$SLURM_JOB_ID" 2>/dev/null || true
   fi
 fi

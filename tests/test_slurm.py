@@ -300,7 +300,7 @@ def test_a_frozen_rank_is_reported_and_the_job_requeues_to_the_same_result(tmp_p
     info = wait_job(cluster, job_id, finished, 600, "finish after the requeue", log)
     text = log.read_text(errors="replace")
     assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 1, text[-4000:]
-    assert "task 0 on" in text and "exit 5 (hang" in text and f"requeueing job {job_id} (restart 1)" in text
+    assert "task 0 on kolm-t1: exit 5 (hang" in text and f"requeue job {job_id} (restart 1)" in text
     assert "no report from rank 1: look there first" in text and "resuming from global_step" in text
     from kolm.train.hang import read_reports
 

@@ -128,8 +128,11 @@ class HangWatch:
         try:
             path = self._write_report(quiet)
             missing = self._await_others()
-            say(describe_hang(self.rank, self.step, self.phase, quiet, path, self.world_size, missing),
-                every_rank=True)
+            text = describe_hang(self.rank, self.step, self.phase, quiet, path, self.world_size, missing)
+            if self._stalled:
+                text += (f". This process itself did not run for {self._stalled:.0f} s before this report (stopped, "
+                         "or starved of CPU): it is the likely culprit")
+            say(text, every_rank=True)
         except OSError as e:
             warn(f"rank {self.rank}: no training progress for {quiet:.0f} s at step {self.step} (phase {self.phase}); "
                  f"writing the hang report failed ({e})", every_rank=True)
