@@ -64,7 +64,7 @@ class HangWatch:
         self._deadline = math.inf
         self._saving: Path | None = None  # a checkpoint being written: bytes arriving there are progress
         self._stopped = False
-        self._stalled = 0.0  # the longest time this process itself did not run (stopped, starved)
+        self._stalled = 0.0  # how long this process itself last did not run (stopped, starved), since progress
         self._poll = min(1.0, timeout / 10) if timeout > 0 else 1.0
 
     @property
