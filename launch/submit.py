@@ -14,6 +14,9 @@ writes one checkpoint collectively, and only then hands over to submitit, whose 
 the job from global rank 0 (submitit calls `checkpoint()` on rank 0 only, so a ZeRO save inside
 it would hang). The requeued job resumes from the newest complete checkpoint. `scancel` and
 preemption send SIGTERM: the trainer checkpoints and stops; a preempted job is requeued by Slurm.
+A hang (a rank saw no training progress for hang_timeout seconds, wrote its stacks to
+RUN_DIR/hangs/ and exits 5) is treated like a preemption: that rank requeues the job before it
+exits, at most `max_requeues` restarts in all.
 Partition and account default to SBATCH_PARTITION / SBATCH_ACCOUNT, the tasks' interpreter and
 container to KOLM_PYTHON / KOLM_CONTAINER (else this interpreter), and every job sources
 slurm/site.sh first, so cluster settings stay in the one place the sbatch scripts use.
@@ -54,7 +57,7 @@ class SubmitOptions:
     account: str | None = field(default_factory=lambda: os.environ.get("SBATCH_ACCOUNT"))
     time_min: int = 24 * 60
     signal_delay_s: int = 300  # checkpoint this long before the time limit
-    max_requeues: int = 50  # time-limit requeues; preemptions are not counted
+    max_requeues: int = 50  # time-limit requeues (submitit's count) and hang requeues (Slurm's restart count)
     sbatch: dict[str, str] = field(default_factory=dict)  # extra #SBATCH parameters
     cluster: str | None = None  # slurm, local or debug; None: slurm when sbatch exists, else local
     log_dir: str = "submitit-logs"
@@ -86,9 +89,10 @@ class SubmitOptions:
 class KolmTrain:
     """The job submitit runs on every task: `kolm train --config RECIPE [overrides]`."""
 
-    def __init__(self, config: str, overrides: list[str]):
+    def __init__(self, config: str, overrides: list[str], max_requeues: int = SubmitOptions.max_requeues):
         self.config = config
         self.overrides = list(overrides)
+        self.max_requeues = max_requeues
 
     def __call__(self) -> dict:
         from kolm.train.signals import GracefulStop
@@ -102,7 +106,7 @@ class KolmTrain:
         from kolm.train.loop import train
         from kolm.train.signals import EXIT_REQUEUE
 
-        code = train(load_config(self.config, self.overrides), stop)
+        code = train(load_config(self.config, self.overrides), stop, on_hang=self._requeue_after_hang)
         if code == 0:
             return {"status": "finished", "config": self.config}
         if code == EXIT_REQUEUE and signal.SIGUSR2 in stop.received:
@@ -119,12 +123,28 @@ class KolmTrain:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         time.sleep(600)
 
+    def _requeue_after_hang(self) -> None:
+        """This rank found a hang and is about to exit 5: requeue the job, as a preemption would."""
+        import subprocess
+
+        job = os.environ.get("SLURM_JOB_ID")
+        if not job:
+            return
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        if restarts >= self.max_requeues:
+            print(f"kolm: hang: not requeueing job {job}: already restarted {restarts} times (max_requeues)",
+                  file=sys.stderr)
+            return
+        print(f"kolm: hang: requeueing job {job} (restart {restarts + 1})", file=sys.stderr)
+        # A second rank's request meets a job that is already requeueing, and changes nothing.
+        subprocess.run(["scontrol", "requeue", job], capture_output=True, check=False)
+
     def checkpoint(self) -> object:
         import submitit
 
         # Nothing to save here (the trainer already did, on all ranks); the new job finds the
         # newest complete checkpoint in the run directory by itself.
-        return submitit.helpers.DelayedSubmission(KolmTrain(self.config, self.overrides))
+        return submitit.helpers.DelayedSubmission(KolmTrain(self.config, self.overrides, self.max_requeues))
 
 
 def make_executor(opts: SubmitOptions):
@@ -166,7 +186,7 @@ def submit(config: str, overrides: list[str], opts: SubmitOptions | None = None)
 
     load_config(config, overrides)  # a typo fails now, not after the job waited in the queue
     config = str(Path(config).resolve())
-    return make_executor(opts).submit(KolmTrain(config, overrides))
+    return make_executor(opts).submit(KolmTrain(config, overrides, opts.max_requeues))
 
 
 class KolmEval:

@@ -36,5 +36,5 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-4}}
 
 # --- Requeue policy of slurm/pretrain.sbatch.
-# How many times a training job may requeue itself at its time limit before it gives up.
+# How many times a training job may requeue itself (at its time limit, or after a hang) before it gives up.
 export KOLM_MAX_REQUEUES=${KOLM_MAX_REQUEUES:-50}

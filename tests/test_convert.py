@@ -177,3 +177,17 @@ def test_bad_inputs_are_clear_errors(run, tmp_path, korean_corpus):
     r = run_kolm("convert", run / "run", "--out", existing)
     assert r.returncode == 2 and "--force" in r.stderr and (existing / "keep.txt").read_text() == "mine"
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_average_under_each_zero_stage_is_the_mean_of_the_checkpoints(run, tmp_path):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    out = tmp_path / "avg"
+    run_kolm("convert", run / "run", "--average", 2, "--out", out, "--dtype", "fp32", check=True)
+    ckpt_dir = run / "run" / "checkpoints"
+    states = [get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=t) for t in ("global_step3", "global_step6")]
+    got = load_file(out / "model.safetensors")
+    assert set(got) == set(states[0])
+    for k, v in got.items():
+        torch.testing.assert_close(v, (states[0][k].float() + states[1][k].float()) / 2, rtol=1e-6, atol=1e-7)

@@ -277,3 +277,60 @@ def test_eval_job_scores_every_checkpoint_once_and_can_be_resubmitted(tmp_path, 
     records = train_records(run_dir, "harness")
     assert [r["step"] for r in records] == steps and all(r["task"] == "ko_constitution_cloze" for r in records)
     assert "ko_constitution_cloze" in logs[0] and "nothing to evaluate" in logs[1]
+
+
+def _rank_of(pid: int) -> int:
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return int(next(v for v in environ if v.startswith(b"SLURM_PROCID=")).split(b"=", 1)[1])
+
+
+def test_a_frozen_rank_is_reported_and_the_job_requeues_to_the_same_result(tmp_path, cluster, shards, tokenizer_dir,
+                                                                        reference_run):
+    reference, _ = reference_run  # 12 steps, checkpoints every 4
+    hang = 20
+    recipe = write_recipe(tmp_path / "recipe.yaml", shards, tokenizer_dir, tmp_path / "run", hang_timeout=hang)
+    job_id = sbatch(cluster, "--nodes=2", *CPU_TASKS, "--time=15", REPO / "slurm/pretrain.sbatch", recipe,
+                    cwd=tmp_path)
+    log = tmp_path / f"kolm-pretrain-{job_id}.out"
+    wait_for(lambda: len(train_records(tmp_path / "run")) >= 5 or finished(job(cluster, job_id)), 300, "step 5")
+    trainers = job_processes(job_id, b"kolm\0train")
+    assert len(trainers) == 2, log.read_text(errors="replace")[-3000:]
+    signal_all([pid for pid in trainers if _rank_of(pid) == 1], signal.SIGSTOP)  # rank 1, on the second node
+    info = wait_job(cluster, job_id, restarted, hang + 120, "requeue itself after the hang", log)
+    info = wait_job(cluster, job_id, finished, 600, "finish after the requeue", log)
+    text = log.read_text(errors="replace")
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 1, text[-4000:]
+    assert "task 0 on kolm-t1: exit 5 (hang" in text and f"requeue job {job_id} (restart 1)" in text
+    assert "no report from rank 1: look there first" in text and "resuming from global_step" in text
+    from kolm.train.hang import read_reports
+
+    reporters = {r.rank: r for r in read_reports(tmp_path / "run")}
+    assert 0 in reporters and reporters[0].host == "kolm-t1", reporters
+    assert _losses(tmp_path / "run") == _losses(reference)
+
+
+def test_submitit_job_with_a_frozen_rank_requeues_to_the_same_result(tmp_path, cluster, shards, tokenizer_dir,
+                                                                     reference_run):
+    reference, _ = reference_run
+    recipe = write_recipe(tmp_path / "recipe.yaml", shards, tokenizer_dir, tmp_path / "run", hang_timeout=20)
+    logs = tmp_path / "submitit"
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.submit", "--config", str(recipe), "--nodes", "2", "--gpus-per-node", "0",
+         "--cpus-per-task", "1", "--time", "15", "--log-dir", str(logs)], env=cluster, cwd=REPO, capture_output=True,
+        text=True)
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.split()[2]
+    log = logs / job_id / f"{job_id}_0_log.err"
+    wait_for(lambda: len(train_records(tmp_path / "run")) >= 5 or finished(job(cluster, job_id)), 300, "step 5")
+    tasks = job_processes(job_id, b"submitit.core._submit")
+    assert len(tasks) == 2, log.read_text(errors="replace")[-3000:] if log.exists() else ""
+    signal_all([pid for pid in tasks if _rank_of(pid) == 1], signal.SIGSTOP)
+    wait_job(cluster, job_id, restarted, 140, "requeue itself after the hang", log)
+    info = wait_job(cluster, job_id, finished, 600, "finish after the requeue", log)
+    text = log.read_text(errors="replace")
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 1, text[-4000:]
+    assert f"kolm: hang: requeueing job {job_id} (restart 1)" in text and "resuming from global_step" in text
+    import submitit
+
+    assert submitit.SlurmJob(logs / "%j", job_id, tasks=(0,)).result()["status"] == "finished"
+    assert _losses(tmp_path / "run") == _losses(reference)

@@ -251,6 +251,10 @@ def _add_convert(sub) -> None:
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: newest complete)")
     p.add_argument("--best", action="store_true", help="the checkpoint with the best eval loss")
+    p.add_argument("--average", type=int, default=0, metavar="K",
+                   help="the element-wise mean of the newest K complete checkpoints' fp32 weights")
+    p.add_argument("--tags", type=lambda t: [n for n in t.split(",") if n], default=None, metavar="A,B,...",
+                   help="average these checkpoints (e.g. global_step9000,global_step10000)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the one the run used)")
     p.add_argument("--max-shard-size", default="2GB", help="split model.safetensors above this size")
@@ -262,7 +266,7 @@ def _convert(args: argparse.Namespace) -> int:
     from kolm.export.convert import convert
 
     emit(convert(args.src, args.out, tag=args.tag, best=args.best, dtype=args.dtype, tokenizer=args.tokenizer,
-                  force=args.force, max_shard_size=args.max_shard_size))
+                  force=args.force, max_shard_size=args.max_shard_size, average=args.average, tags=args.tags))
     return 0
 
 

@@ -7,6 +7,7 @@ import statistics
 from pathlib import Path
 
 from kolm.errors import KolmError
+from kolm.train.hang import summarize_reports
 from kolm.train.metrics import read_metrics
 
 PLOTS = ("loss.png", "lr.png", "throughput.png")
@@ -141,5 +142,6 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> tuple[st
     target = Path(out) if out else run / "report"
     paths = plot(train, evals, target, run.resolve().name)
     text = summarize(train, evals, [r for r in metrics.other if r.get("kind") == "harness"])
+    text = "\n".join([text, *summarize_reports(run)])  # the hangs the watchdog reported, and who did not
     (target / "summary.txt").write_text(text + "\n", encoding="utf-8")
     return text, paths

@@ -19,6 +19,7 @@ import torch
 
 from kolm.data.tokenizer import load_tokenizer_info
 from kolm.errors import KolmError
+from kolm.export.average import average_weights, check_same_run, select_checkpoints
 from kolm.export.generate import SEED_PROMPT, GenerationSettings
 from kolm.files import swap_in_directory
 from kolm.log import say
@@ -73,20 +74,26 @@ class ConversionReport:
 
 
 def convert(src: str, out: str, tag: str | None = None, best: bool = False, dtype: str = "bf16",
-            tokenizer: str | None = None, force: bool = False, max_shard_size: str = "2GB") -> ConversionReport:
-    """Convert a checkpoint into a verified Hugging Face directory at ``out``."""
+            tokenizer: str | None = None, force: bool = False, max_shard_size: str = "2GB", average: int = 0,
+            tags: list[str] | None = None) -> ConversionReport:
+    """Convert a checkpoint (or the mean of several: ``average`` newest, or ``tags``) into a verified
+    Hugging Face directory at ``out``."""
     if dtype not in DTYPES:
         raise KolmError(f"--dtype must be bf16 or fp32, got {dtype!r}")
     out_path = Path(out)
     _remove_stale_temporaries(out_path)
     if out_path.exists() and not force:
         raise KolmError(f"{out_path} already exists; choose another --out or pass --force to replace it")
-    ckpt = checkpoint.resolve_checkpoint(src, tag, best)
-    config_dict = {**exported_config(ckpt), "kolm": training_settings(ckpt)}
+    ckpts = _checkpoints(src, tag, best, average, tags)
+    ckpt, averaging = ckpts[0], bool(average or tags)
+    config_dict = {**exported_config(ckpt), "kolm": training_settings(ckpt, ckpts if averaging else None)}
     tok_dir = Path(tokenizer or ckpt.marker["tokenizer"])
     check_tokenizer_fits(tok_dir, config_dict, exact_rows=not ckpt.marker.get("init_from"))
-    say(f"converting {ckpt.path} ({dtype})")
-    model = model_from_state_dict(config_dict, checkpoint.consolidated_state_dict(ckpt))
+    say(f"converting the average of {', '.join(c.tag for c in ckpts)} ({dtype})" if averaging else
+        f"converting {ckpt.path} ({dtype})")
+    state = average_weights(ckpts) if averaging else checkpoint.consolidated_state_dict(ckpt)
+    model = model_from_state_dict(config_dict, state)
+    del state
     ids = prompt_ids(tok_dir)
     with torch.no_grad():
         reference = model(input_ids=ids).logits.float()
@@ -94,7 +101,8 @@ def convert(src: str, out: str, tag: str | None = None, best: bool = False, dtyp
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-{os.getpid()}-", dir=out_path.parent))
     try:
         _write(model.to(DTYPES[dtype]), tok_dir, tmp, max_shard_size, config_dict)
-        (tmp / EXPORT_INFO).write_text(json.dumps(_export_info(ckpt, dtype), indent=2) + "\n", encoding="utf-8")
+        info = {**_export_info(ckpt, dtype), **({"averaged": [str(c.path) for c in ckpts]} if averaging else {})}
+        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         del model
         max_err = verify_export(tmp, ids, reference, dtype)
         os.chmod(tmp, 0o755)
@@ -102,10 +110,23 @@ def convert(src: str, out: str, tag: str | None = None, best: bool = False, dtyp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ConversionReport(str(ckpt.path), str(out_path), dtype, max_err)
+    source = f"the mean of {', '.join(c.tag for c in ckpts)} in {ckpt.path.parent}" if averaging else str(ckpt.path)
+    return ConversionReport(source, str(out_path), dtype, max_err)
 
 
-def training_settings(ckpt: checkpoint.Checkpoint) -> dict:
+def _checkpoints(src: str, tag: str | None, best: bool, average: int, tags: list[str] | None) -> list:
+    """The checkpoint to convert, or those to average (newest first, checked to be of one run)."""
+    if not (average or tags):
+        return [checkpoint.resolve_checkpoint(src, tag, best)]
+    if tag or best or (average and tags):
+        raise KolmError("--average and --tags pick the checkpoints themselves: use one of them, without --tag or "
+                        "--best")
+    ckpts = select_checkpoints(src, average, tags)
+    check_same_run(ckpts)
+    return ckpts
+
+
+def training_settings(ckpt: checkpoint.Checkpoint, averaged: list | None = None) -> dict:
     """How the model was trained, kept in config.json under "kolm" for the record (and for `kolm
     eval`): settings that are not part of the architecture, so loading never depends on them."""
     run = ckpt.marker.get("run_config", {})
@@ -113,6 +134,8 @@ def training_settings(ckpt: checkpoint.Checkpoint) -> dict:
                 "attention": run.get("attention", "causal"), "seq_len": ckpt.marker.get("seq_len")}
     if ckpt.marker.get("base_vocab_size"):  # a model grown by `kolm model expand`: which rows are new
         settings["base_vocab_size"] = ckpt.marker["base_vocab_size"]
+    if averaged:  # the element-wise mean of these checkpoints' fp32 weights
+        settings["averaged_checkpoints"] = [c.tag for c in averaged]
     return settings
 
 

@@ -80,6 +80,9 @@ class RunConfig:
     max_nonfinite_steps: int = 10  # stop after this many non-finite steps in a row
     grad_spike_factor: float = 1e4  # warn when a gradient norm exceeds this x its running median; 0: off
     ignore_data_fingerprint: bool = False  # resume even though the data changed
+    # seconds without training progress after which a rank reports its stacks to RUN_DIR/hangs/ and
+    # exits 5 (kolm.train.hang); also sets the process groups' timeout. 0: off
+    hang_timeout: float = 1800.0
 
     def validate(self) -> None:
         for name in ("data", "run_dir") if self.init_from else ("data", "tokenizer", "run_dir"):
@@ -107,6 +110,8 @@ class RunConfig:
             raise KolmError(f"`min_lr` {self.min_lr} must be in [0, lr={self.lr}]")
         if self.grad_spike_factor < 0:
             raise KolmError(f"`grad_spike_factor` must be >= 0 (0 turns the warning off), got {self.grad_spike_factor}")
+        if self.hang_timeout < 0:
+            raise KolmError(f"`hang_timeout` must be >= 0 seconds (0 turns the watchdog off), got {self.hang_timeout}")
         if self.warmup_steps < 0 or self.train_steps < 0 or self.epochs <= 0:
             raise KolmError("`warmup_steps` and `train_steps` must be >= 0 and `epochs` > 0")
         if self.global_batch % self.micro_batch:

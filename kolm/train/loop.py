@@ -2,11 +2,13 @@
 
 Runs unchanged under torchrun, the deepspeed launcher, srun and submitit (see kolm.train.distenv).
 Exit status: 0 finished, EXIT_REQUEUE (75) stopped by a signal after a checkpoint, 2 bad input,
-3 too many non-finite steps in a row.
+3 too many non-finite steps in a row, 4 the launcher died (kolm.train.watchdog), 5 no progress
+for hang_timeout seconds (kolm.train.hang).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from kolm.model.documents import document_inputs
 from kolm.train import checkpoint, evaluation
 from kolm.train.config import RunConfig
 from kolm.train.engine import build_engine, join_process_group
+from kolm.train.hang import HangWatch, agree_launch
 from kolm.train.hardware import device_peak_flops
 from kolm.train.metrics import MetricSinks, ProgressDisplay, StepWindow
 from kolm.train.resume import check_resumable, needs_universal, prepare_universal, restore
@@ -30,14 +33,16 @@ from kolm.train.watchdog import watch_launcher
 EXIT_NONFINITE = 3
 
 
-def train(cfg: RunConfig, stop: GracefulStop | None = None) -> int:
+def train(cfg: RunConfig, stop: GracefulStop | None = None, on_hang: Callable[[], None] | None = None) -> int:
     """The training loop. Returns the process exit status.
 
     Pass `stop` installed as early as possible: a stop signal that arrives while the engine
-    starts is then honoured at the first step instead of killing the process."""
+    starts is then honoured at the first step instead of killing the process. ``on_hang`` runs
+    on a rank whose watchdog found a hang, just before it exits (a launcher's requeue)."""
     stop = stop or GracefulStop()
+    t = None
     try:
-        t = Trainer(cfg)
+        t = Trainer(cfg, on_hang)
         if cfg.eval_at_start and t.state.step == 0:
             t.evaluate()
         while not t.done:
@@ -56,16 +61,20 @@ def train(cfg: RunConfig, stop: GracefulStop | None = None) -> int:
                 return t.finish(EXIT_REQUEUE)
         return t.finish(0)
     finally:
+        if t is not None:
+            t.hang.stop()
         stop.restore()
 
 
 class Trainer:
     """One training run: the engine, its state, and what happens around each step."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, on_hang: Callable[[], None] | None = None):
         self.cfg = cfg
         self.setup = prepare(cfg)
         self.watch = watch_launcher(self.setup.env)
+        env = self.setup.env
+        self.hang = HangWatch(cfg.hang_timeout, Path(cfg.run_dir), env.rank, env.world_size, on_hang)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.rank0 = self.setup.env.is_main
@@ -88,6 +97,7 @@ class Trainer:
         self.epochs = self.setup.train.epochs(self.state.consumed_samples)
         self.batches = self.setup.train.rank_batches(self.state.consumed_samples, cfg.global_batch, cfg.micro_batch,
                                                      self.setup.env.rank, self.setup.env.world_size)
+        self.hang.start(agree_launch(self.device), self.state.step)  # start-up ends here
 
     def _lock_run_dir(self) -> RunLock | None:
         """One writer per run directory: refused here, before anything is written, when in use."""
@@ -156,10 +166,15 @@ class Trainer:
         """One optimizer step over this rank's micro-batches; returns its mean loss (on the device)."""
         self.watch.check()  # a rank whose launcher died stops here, before another step
         loss = torch.zeros((), device=self.device)
+        hang = self.hang  # what this rank is doing, for a hang report (an attribute write each)
         for _ in range(self.setup.grad_accum):
+            hang.phase = "data"
             x = to_device(next(self.batches), self.device)
+            hang.phase = "forward"
             micro = self.engine(input_ids=x[:, :-1], targets=x[:, 1:], **self.inputs(x[:, :-1])) / x[:, 1:].numel()
+            hang.phase = "backward"
             self.engine.backward(micro)
+            hang.phase = "optimizer"
             self.engine.step()
             loss += micro.detach() / self.setup.grad_accum
         self.state.step += 1
@@ -184,14 +199,17 @@ class Trainer:
         """The one collective of a step: (any rank asked to stop, the step was finite everywhere)."""
         import torch.distributed as dist
 
+        self.hang.phase = "collective"
         flags = torch.stack([torch.tensor(float(stop_here), device=self.device), (~torch.isfinite(loss)).float()])
         if dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         stop, bad = flags.tolist()
+        self.hang.progress(self.state.step)  # every rank finished this step
         return bool(stop), not bad and self.engine.was_step_applied()
 
     def flush_metrics(self, timed: bool) -> None:
         """Reduce and write the steps since the last flush (every rank takes part)."""
+        self.hang.phase = "collective"
         records = self.window.flush(timed)
         watch = self.state.grad_watch
         for record in records:
@@ -221,8 +239,9 @@ class Trainer:
         """Loss, perplexity and next-token accuracy on the validation split, written as a record."""
         self.flush_metrics(timed=True)
         env = self.setup.env
+        self.hang.phase = "eval"
         metrics = evaluation.evaluate(self.engine, self.setup.valid, self.cfg.micro_batch, env.rank, env.world_size,
-                                      self.cfg.eval_samples, lambda b: to_device(b, self.device), self.inputs)
+                                      self.cfg.eval_samples, self._eval_batch, self.inputs)
         loss = metrics["eval_loss"]
         if self.state.best_eval_loss is None or loss < self.state.best_eval_loss:
             self.state.best_eval_loss = loss
@@ -231,6 +250,10 @@ class Trainer:
         say(f"step {self.state.step}: {evaluation.describe(metrics, list(self.setup.valid))}")
         self.window.restart_clock()
         return loss
+
+    def _eval_batch(self, batch) -> torch.Tensor:
+        self.hang.progress()  # each evaluation batch is progress: a long evaluation is not a hang
+        return to_device(batch, self.device)
 
     def save(self, eval_loss: float | None) -> None:
         """A complete checkpoint of this step on every rank, then pruning (rank 0)."""
@@ -247,12 +270,13 @@ class Trainer:
                   "data_fingerprint": setup.train.fingerprint, "run_config": cfg.to_dict(),
                   "total_steps": setup.total_steps, "init_from": self.init_record,
                   "base_vocab_size": setup.base_vocab_size}
-        try:
-            checkpoint.save(self.engine, self.ckpt_dir, state.step, client, setup.env.rank, dist.barrier, marker)
-        except (OSError, RuntimeError) as e:
-            raise checkpoint.write_failed(self.ckpt_dir, state.step, e) from e
-        if self.rank0:
-            checkpoint.prune(self.ckpt_dir, cfg.keep_checkpoints)
+        with self.hang.saving(self.ckpt_dir / checkpoint.tag_for(state.step)):
+            try:
+                checkpoint.save(self.engine, self.ckpt_dir, state.step, client, setup.env.rank, dist.barrier, marker)
+            except (OSError, RuntimeError) as e:
+                raise checkpoint.write_failed(self.ckpt_dir, state.step, e) from e
+            if self.rank0:
+                checkpoint.prune(self.ckpt_dir, cfg.keep_checkpoints)
         self.window.restart_clock()
 
     def finish(self, code: int) -> int:
@@ -267,7 +291,9 @@ class Trainer:
         elif code == EXIT_REQUEUE:
             say(f"stopped by signal after checkpoint {checkpoint.tag_for(self.state.step)}; "
                 f"exit {EXIT_REQUEUE} (requeue)")
+        self.hang.phase = "collective"
         dist.barrier()
+        self.hang.stop()
         dist.destroy_process_group()
         if self.lock is not None:
             self.lock.release()
