@@ -92,7 +92,7 @@ def test_each_steps_gradient_is_the_mean_over_its_own_batch(tmp_path, shards, to
     frozen = {"lr": 0.0, "min_lr": 0.0, "warmup_steps": 0, "train_steps": 4, "save_every": 100,
               "eval_every": 100, "global_batch": 8}
     runs = {}
-    for name, extra in (("ramp", {"rampup_batch_size": [4, 4, 16], "train_steps": 3}), ("fixed", {})):
+    for name, extra in (("ramp", {"rampup_batch_size": [4, 4, 16]}), ("fixed", {})):
         recipe = write_recipe(tmp_path / f"{name}.yaml", shards, tokenizer_dir, tmp_path / name, **{**frozen, **extra})
         codes, out = run_ranks(2, recipe, log_dir=tmp_path / f"logs-{name}")
         assert codes == [0, 0], out[-3000:]
@@ -101,7 +101,7 @@ def test_each_steps_gradient_is_the_mean_over_its_own_batch(tmp_path, shards, to
     assert runs["ramp"][24] == runs["fixed"][24] and runs["ramp"][32] == runs["fixed"][32]
 
 
-@pytest.mark.cli
+@pytest.mark.dist
 def test_a_changed_ramp_refuses_to_resume(tmp_path, ramp_run, shards, tokenizer_dir):
     reference, _ = ramp_run
     run_dir = tmp_path / "run"
@@ -111,6 +111,15 @@ def test_a_changed_ramp_refuses_to_resume(tmp_path, ramp_run, shards, tokenizer_
                     env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "was started with different settings (rampup_batch_size [6, 6, 72] vs [6, 6, 144]" in proc.stderr
+
+
+@pytest.mark.dist
+def test_report_shows_the_global_batch_of_each_step(tmp_path, ramp_run):
+    run_dir, _ = ramp_run
+    proc = run_kolm("report", run_dir, "--out", tmp_path / "report")
+    assert proc.returncode == 0, proc.stderr
+    assert "global batch (ramp): 6 from step 1, 12 from step 5, 18 from step 7, 24 from step 9" in proc.stdout
+    assert (tmp_path / "report" / "lr.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def _check(recipe, *overrides, env=None):
@@ -138,3 +147,15 @@ def test_check_prints_the_ramp_and_refuses_one_that_does_not_split(tmp_path, sha
         proc = _check(recipe, *bad)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.cli
+def test_plan_counts_the_ramps_steps_and_refuses_one_that_does_not_split():
+    proc = run_kolm("plan", "--model", "phi-1.5", "--nodes", "2", "--gpus-per-node", "8", "--gpu", "a100-40",
+                    "--lines", "1e8", "--epochs", "2", "--rampup-batch-size", "32", "32", "2000000")
+    assert proc.returncode == 0, proc.stderr
+    assert "micro_batch=2 " in proc.stdout  # 32 windows over 16 GPUs
+    assert "ramp 32 -> 256 by 32 over 2,000,000 samples: 61,116 optimizer steps instead of 45,777" in proc.stdout
+    assert "cap the micro batch at 2" in proc.stdout
+    bad = run_kolm("plan", "--nodes", "2", "--rampup-batch-size", "8", "8", "1000")
+    assert bad.returncode == 2 and "batch 8 of the ramp is not divisible by micro batch 1 x 16" in bad.stderr
