@@ -131,3 +131,29 @@ def test_a_ramp_takes_the_same_samples_on_any_number_of_ranks(world):
     # A resume mid-ramp starts from the checkpoint's count with the step it would have taken.
     resumed = rank_batches(stream, s.consumed_after(5), 24, 1, 0, world, s.batch_at)
     assert int(next(resumed)[0, 0]) == s.consumed_after(5)
+
+
+def test_a_deepspeed_json_with_its_own_scheduler_is_refused(tmp_path):
+    import json
+
+    from kolm.train import dsconfig
+    from kolm.train.config import RunConfig
+
+    user = tmp_path / "mine.json"
+    user.write_text(json.dumps({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 5}}}))
+    cfg = RunConfig(data="d", tokenizer="t", run_dir="r", deepspeed_config=str(user))
+    with pytest.raises(KolmError, match="sets scheduler = .* but kolm sets the learning rate itself"):
+        dsconfig.build(cfg, 1, 64, True)
+    assert "scheduler" not in dsconfig.build(RunConfig(data="d", tokenizer="t", run_dir="r"), 1, 64, True)
+
+
+def test_the_recipe_key_takes_a_list_or_nothing(tmp_path):
+    from kolm.train.config import load_config
+
+    base = ["data=/d", "tokenizer=/t", "run_dir=/r", "global_batch=16", "micro_batch=2"]
+    assert load_config(None, [*base, "rampup_batch_size=[4, 4, 1000]"]).rampup_batch_size == [4, 4, 1000]
+    assert load_config(None, [*base, "rampup_batch_size=null"]).batch_schedule().ramped is False
+    with pytest.raises(KolmError, match="`rampup_batch_size` in the command line must be list"):
+        load_config(None, [*base, "rampup_batch_size=4"])
+    with pytest.raises(KolmError, match="batch 6 of the ramp is not divisible by micro batch 4 x 1"):
+        load_config(None, [*base, "micro_batch=4", "rampup_batch_size=[6, 2, 100]"])
