@@ -67,8 +67,9 @@ class RunSetup:
         return len(self.train.sources) > 1
 
     def describe(self) -> str:
-        text = (f"{self.total_steps} steps, gradient accumulation {self.grad_accum} on {self.env.world_size} ranks, "
-                f"{self.n_params / 1e6:.1f}M parameters")
+        full = " at the full batch" if self.schedule.ramped else ""
+        text = (f"{self.total_steps} steps, gradient accumulation {self.grad_accum}{full} on {self.env.world_size} "
+                f"ranks, {self.n_params / 1e6:.1f}M parameters")
         if self.source:
             base = f", base vocabulary {self.base_vocab_size}" if self.base_vocab_size else ""
             text += f"\nweights from {self.model_name}: {self.model_config_dict['vocab_size']} rows{base}"
