@@ -85,12 +85,13 @@ def test_a_resume_mid_ramp_on_another_rank_count_takes_the_same_samples(tmp_path
 
 
 @pytest.mark.dist
-def test_each_steps_gradient_is_the_mean_over_its_own_batch(tmp_path, shards, tokenizer_dir):
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_each_steps_gradient_is_the_mean_over_its_own_batch(tmp_path, shards, tokenizer_dir, stage):
     # With lr 0 the weights never move, so a step's loss and gradient norm depend only on its samples.
     # Ramped steps 5-6 (batch 8, accumulation 2) take samples 16-32, as steps 3-4 of a constant batch
     # of 8 do; a gradient not scaled by each step's own accumulation would show a different norm.
     frozen = {"lr": 0.0, "min_lr": 0.0, "warmup_steps": 0, "train_steps": 4, "save_every": 100,
-              "eval_every": 100, "global_batch": 8}
+              "eval_every": 100, "global_batch": 8, "zero_stage": stage}
     runs = {}
     for name, extra in (("ramp", {"rampup_batch_size": [4, 4, 16]}), ("fixed", {})):
         recipe = write_recipe(tmp_path / f"{name}.yaml", shards, tokenizer_dir, tmp_path / name, **{**frozen, **extra})
