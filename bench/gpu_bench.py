@@ -121,7 +121,7 @@ def _engine(group: Group, micro_batch: int, dtype: str, vocab: int, torch_adam: 
     cfg = RunConfig(model=group.model, seq_len=group.seq_len, global_batch=micro_batch, micro_batch=micro_batch,
                     zero_stage=2, precision=dtype, warmup_steps=1, attn_implementation=group.attn,
                     compile=group.compile)
-    ds_config = dsconfig.build(cfg, 1, 1, 1000, on_cpu=torch_adam or not torch.cuda.is_available())
+    ds_config = dsconfig.build(cfg, 1, 1, on_cpu=torch_adam or not torch.cuda.is_available())
     config = build_config(get_shape(group.model), vocab, 0, 0, group.seq_len, group.attn)
     return build_engine(config, ds_config, 0, cfg.weight_decay, False, group.compile)
 

@@ -383,6 +383,8 @@ def _add_plan(sub) -> None:
     p.add_argument("--tokens-per-line", type=float, default=d.tokens_per_line, help="with --lines")
     p.add_argument("--epochs", type=float, default=d.epochs)
     p.add_argument("--mfu", type=float, default=d.mfu, help=f"assumed model FLOPs utilization (default {d.mfu})")
+    p.add_argument("--rampup-batch-size", type=int, nargs=3, default=d.rampup_batch_size,
+                   metavar=("START", "INCREMENT", "SAMPLES"), help="a batch ramp, as the recipe key")
     p.add_argument("--measure", action="store_true",
                    help="check the estimate against a real DeepSpeed engine on this machine (small presets)")
     p.add_argument("--micro-batch", type=int, default=m.micro_batch, help="with --measure")
@@ -395,7 +397,7 @@ def _plan(args: argparse.Namespace) -> int:
     from kolm.train.plan import PlanRequest, format_plan
 
     fields = ("model", "vocab_size", "seq_len", "nodes", "gpus_per_node", "gpu", "global_batch", "tokens", "lines",
-              "tokens_per_line", "epochs", "mfu")
+              "tokens_per_line", "epochs", "mfu", "rampup_batch_size")
     req = PlanRequest(**{name: getattr(args, name) for name in fields})
     req.validate()
     if args.measure:

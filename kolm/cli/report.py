@@ -39,6 +39,7 @@ def summarize(train: list[dict], evals: list[dict], harness: list[dict] = ()) ->
         lines += [f"  {name}: loss {final[f'eval_loss/{name}']:.4f}, perplexity {final[f'eval_perplexity/{name}']:.2f}"
                   for name in sources(final)]
     lines += _harness_lines(harness)
+    lines += _batch_lines(train)
     speed = [r for r in train if "tokens_per_s" in r]
     if speed:
         tps = statistics.median(r["tokens_per_s"] for r in speed)
@@ -49,6 +50,23 @@ def summarize(train: list[dict], evals: list[dict], harness: list[dict] = ()) ->
     if skipped:
         lines.append(f"skipped steps (non-finite loss or gradient): {skipped}")
     return "\n".join(lines)
+
+
+def batch_steps(train: list[dict]) -> list[tuple[int, int]]:
+    """(global batch, first step at it) each time the batch changes (a ramp); one entry when constant."""
+    found: list[tuple[int, int]] = []
+    for r in train:
+        if "global_batch" in r and (not found or found[-1][0] != r["global_batch"]):
+            found.append((r["global_batch"], r["step"]))
+    return found
+
+
+def _batch_lines(train: list[dict]) -> list[str]:
+    changes = batch_steps(train)
+    if len(changes) < 2:
+        return [f"global batch: {changes[0][0]}"] if changes else []
+    shown = ", ".join(f"{batch} from step {step}" for batch, step in changes)
+    return [f"global batch (ramp): {shown}"]
 
 
 def sources(record: dict) -> list[str]:
@@ -104,6 +122,13 @@ def _plot_lr(train: list[dict], path: Path, title: str) -> Path:
     ax.set(xlabel="step", ylabel="learning rate", title=f"{title}: learning rate")
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     ax.grid(alpha=0.3)
+    if len(batch_steps(train)) > 1:  # a batch ramp: the global batch of each step beside the rate
+        batch = ax.twinx()
+        batch.step([r["step"] for r in train], [r.get("global_batch") for r in train], where="post",
+                   color="tab:gray", label="global batch")
+        batch.set_ylabel("global batch (samples)")
+        batch.set_ylim(bottom=0)
+        batch.legend(loc="lower right")
     return _save(fig, path)
 
 

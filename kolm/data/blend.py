@@ -15,7 +15,7 @@ The blended order depends only on the sources, their weights, seq_len and the se
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -155,8 +155,8 @@ class BlendedDataset:
         return [t // d.num_samples + 1 for t, d in zip(self.taken(n), self.datasets)]
 
     def rank_batches(self, consumed_samples: int, global_batch: int, micro_batch: int, dp_rank: int,
-                     dp_world: int) -> Iterator[np.ndarray]:
-        return rank_batches(self.samples, consumed_samples, global_batch, micro_batch, dp_rank, dp_world)
+                     dp_world: int, batch_at: Callable[[int], int] | None = None) -> Iterator[np.ndarray]:
+        return rank_batches(self.samples, consumed_samples, global_batch, micro_batch, dp_rank, dp_world, batch_at)
 
     def samples(self, start: int, count: int) -> np.ndarray:
         """Global samples ``[start, start + count)`` stacked as ``(count, seq_len + 1)``."""

@@ -119,9 +119,10 @@ class PackedDataset:
         return np.stack([self.window(self.sample_index(g)) for g in range(start, start + count)])
 
     def rank_batches(
-        self, consumed_samples: int, global_batch: int, micro_batch: int, dp_rank: int, dp_world: int
+        self, consumed_samples: int, global_batch: int, micro_batch: int, dp_rank: int, dp_world: int,
+        batch_at: Callable[[int], int] | None = None,
     ) -> Iterator[np.ndarray]:
-        return rank_batches(self.samples, consumed_samples, global_batch, micro_batch, dp_rank, dp_world)
+        return rank_batches(self.samples, consumed_samples, global_batch, micro_batch, dp_rank, dp_world, batch_at)
 
     def eval_batches(
         self, micro_batch: int, dp_rank: int, dp_world: int, max_samples: int | None = None
@@ -134,29 +135,32 @@ class PackedDataset:
 
 
 def rank_batches(samples: Callable[[int, int], np.ndarray], consumed_samples: int, global_batch: int,
-                 micro_batch: int, dp_rank: int, dp_world: int) -> Iterator[np.ndarray]:
+                 micro_batch: int, dp_rank: int, dp_world: int,
+                 batch_at: Callable[[int], int] | None = None) -> Iterator[np.ndarray]:
     """Micro-batches of the global sample stream ``samples(start, count)`` for one data-parallel
     rank, from ``consumed_samples`` on, forever.
 
-    Each global batch of ``global_batch`` samples is split into ``dp_world`` contiguous slices;
-    rank ``r`` takes slice ``r`` in micro-batches of ``micro_batch`` (its gradient accumulation
-    steps, in order).
+    Each global batch is split into ``dp_world`` contiguous slices; rank ``r`` takes slice ``r`` in
+    micro-batches of ``micro_batch`` (its gradient accumulation steps, in order). The batch is
+    ``global_batch``, or ``batch_at(consumed)`` for a schedule that changes it (a batch ramp): each
+    step then covers the next ``batch_at(consumed)`` samples of the same stream.
     """
     check_batch_layout(global_batch, micro_batch, dp_world)
     if not 0 <= dp_rank < dp_world:
         raise KolmError(f"data-parallel rank {dp_rank} is outside [0, {dp_world})")
-    if consumed_samples % global_batch:
+    if batch_at is None and consumed_samples % global_batch:
         raise KolmError(
             f"consumed_samples {consumed_samples} is not a multiple of the global batch {global_batch}: "
             "a run can only resume on a step boundary with the same global batch"
         )
-    per_rank = global_batch // dp_world
-    step = consumed_samples // global_batch
+    consumed = consumed_samples
     while True:
-        base = step * global_batch + dp_rank * per_rank
+        batch = global_batch if batch_at is None else batch_at(consumed)
+        per_rank = check_batch_layout(batch, micro_batch, dp_world) * micro_batch
+        base = consumed + dp_rank * per_rank
         for a in range(per_rank // micro_batch):
             yield samples(base + a * micro_batch, micro_batch)
-        step += 1
+        consumed += batch
 
 
 def check_batch_layout(global_batch: int, micro_batch: int, dp_world: int) -> int:

@@ -16,6 +16,7 @@ from kolm.data.blend import parse_sources
 from kolm.errors import KolmError
 from kolm.model.documents import ATTENTION_MODES
 from kolm.train.freeze import parse_groups
+from kolm.train.rampup import BatchSchedule
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
 WANDB_MODES = ("", "online", "offline", "disabled")
@@ -43,6 +44,9 @@ class RunConfig:
     # --- batch layout: the global batch is fixed; gradient accumulation is derived
     global_batch: int = 256
     micro_batch: int = 4
+    # [start, increment, samples]: the global batch starts at `start` and grows by `increment` in equal
+    # steps to global_batch after `samples` consumed samples (Megatron's rule, kolm.train.rampup); empty: off
+    rampup_batch_size: list = field(default_factory=list)
     # --- optimization (AdamW, linear warmup then cosine decay)
     lr: float = 5e-4
     min_lr: float = 0.0
@@ -118,6 +122,11 @@ class RunConfig:
             raise KolmError(
                 f"global_batch {self.global_batch} is not a multiple of micro_batch {self.micro_batch}"
             )
+        self.batch_schedule().check_layout(self.micro_batch, 1)
+
+    def batch_schedule(self) -> BatchSchedule:
+        """The global batch per step (constant, or the ramp); a malformed ramp is an error."""
+        return BatchSchedule.from_config(self.global_batch, self.rampup_batch_size)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -166,6 +175,8 @@ def _coerce(key: str, value, kind: type, where: str):
             return str(value)
     elif kind is dict and isinstance(value, dict):
         return value
+    elif kind is list and (value is None or isinstance(value, list)):
+        return [int(v) if isinstance(v, float) and v.is_integer() else v for v in value or []]
     return _bad(key, value, kind, where)
 
 

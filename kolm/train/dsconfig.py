@@ -32,8 +32,10 @@ def load_template(path: Path) -> dict:
         raise KolmError(f"{path}: not valid JSON ({e})") from e
 
 
-def run_fields(cfg: RunConfig, dp_world: int, grad_accum: int, total_steps: int, on_cpu: bool) -> dict:
-    """What kolm decides from the run config, as nested DeepSpeed config keys."""
+def run_fields(cfg: RunConfig, dp_world: int, grad_accum: int, on_cpu: bool) -> dict:
+    """What kolm decides from the run config, as nested DeepSpeed config keys. The batch fields are
+    the full batch's (a ramp changes them step by step); the learning-rate schedule is kolm's own
+    (kolm.train.lr_schedule), so DeepSpeed gets none."""
     return {
         "train_batch_size": cfg.global_batch,
         "train_micro_batch_size_per_gpu": cfg.micro_batch,
@@ -51,16 +53,6 @@ def run_fields(cfg: RunConfig, dp_world: int, grad_accum: int, total_steps: int,
                 **({"torch_adam": True} if on_cpu else {}),
             },
         },
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": total_steps,
-                "warmup_num_steps": max(1, cfg.warmup_steps),  # DeepSpeed needs at least one
-                "warmup_min_ratio": 0.0,
-                "warmup_type": "linear",
-                "cos_min_ratio": cfg.min_lr / cfg.lr if cfg.lr else 0.0,
-            },
-        },
     }
 
 
@@ -73,7 +65,6 @@ _RECIPE_KEYS = {
     "bf16": "precision",
     "zero_optimization.stage": "zero_stage",
     "optimizer": "lr, weight_decay, adam_*",
-    "scheduler": "warmup_steps, min_lr, train_steps/epochs",
 }
 
 
@@ -103,9 +94,14 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def build(cfg: RunConfig, dp_world: int, grad_accum: int, total_steps: int, on_cpu: bool) -> dict:
+def build(cfg: RunConfig, dp_world: int, grad_accum: int, on_cpu: bool) -> dict:
     path = template_path(cfg)
-    config = merge(load_template(path), run_fields(cfg, dp_world, grad_accum, total_steps, on_cpu), str(path))
+    config = merge(load_template(path), run_fields(cfg, dp_world, grad_accum, on_cpu), str(path))
+    scheduler = config.pop("scheduler", "auto")
+    if scheduler != "auto":
+        raise KolmError(f"{path} sets scheduler = {json.dumps(scheduler)}, but kolm sets the learning rate itself "
+                        "(from lr, min_lr, warmup_steps and train_steps/epochs, by consumed samples); remove it from "
+                        "the JSON (or write \"auto\")")
     config.setdefault("steps_per_print", 1 << 30)
     config.setdefault("wall_clock_breakdown", False)
     return config

@@ -95,8 +95,11 @@ class Trainer:
         self.window = self._step_window()
         self.progress = ProgressDisplay(self.rank0, self.setup.total_steps, self.state.step)
         self.epochs = self.setup.train.epochs(self.state.consumed_samples)
+        schedule = self.setup.schedule
+        self.batch = schedule.batch_at(self.state.consumed_samples)  # of the step about to run
         self.batches = self.setup.train.rank_batches(self.state.consumed_samples, cfg.global_batch, cfg.micro_batch,
-                                                     self.setup.env.rank, self.setup.env.world_size)
+                                                     self.setup.env.rank, self.setup.env.world_size,
+                                                     schedule.batch_at if schedule.ramped else None)
         self.hang.start(agree_launch(self.device), self.state.step)  # start-up ends here
 
     def _lock_run_dir(self) -> RunLock | None:
@@ -149,10 +152,12 @@ class Trainer:
     def _step_window(self) -> StepWindow:
         cfg, setup = self.cfg, self.setup
         peak, source = device_peak_flops(self.device, torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
+        ramp = (f" (ramped up from {setup.schedule.start}, {setup.accumulation(setup.schedule.start)} accumulation, "
+                f"over {setup.schedule.samples:,} samples)" if setup.schedule.ramped else "")
         say(f"{setup.model_name}: {setup.n_params / 1e6:.1f}M parameters, {setup.env.world_size} ranks x micro "
-            f"batch {cfg.micro_batch} x {setup.grad_accum} accumulation = global batch {cfg.global_batch}; "
+            f"batch {cfg.micro_batch} x {setup.grad_accum} accumulation = global batch {cfg.global_batch}{ramp}; "
             f"{setup.total_steps} steps; peak {peak / 1e9:.1f} GFLOP/s per device ({source})")
-        return StepWindow(cfg.seq_len, cfg.global_batch, setup.env.world_size, setup.flops_per_token, peak)
+        return StepWindow(cfg.seq_len, setup.env.world_size, setup.flops_per_token, peak)
 
     @property
     def done(self) -> bool:
@@ -163,12 +168,23 @@ class Trainer:
         return self.state.step % every == 0 or self.done
 
     def train_step(self) -> torch.Tensor:
-        """One optimizer step over this rank's micro-batches; returns its mean loss (on the device)."""
+        """One optimizer step over this rank's micro-batches; returns its mean loss (on the device).
+
+        The step's global batch comes from the batch schedule (constant, or a ramp): its
+        accumulation is that batch over micro batch x ranks. kolm marks the accumulation boundary
+        itself (DeepSpeed's own counts micro-steps modulo one fixed accumulation) and tells the
+        engine the batch, so that DeepSpeed's 1/accumulation loss scaling matches the step."""
         self.watch.check()  # a rank whose launcher died stops here, before another step
+        batch = self.setup.schedule.batch_at(self.state.consumed_samples)
+        accum = self.setup.accumulation(batch)
+        if batch != self.engine.train_batch_size():
+            self.engine.set_train_batch_size(batch)
+        self.setup.lr.apply(self.engine.optimizer, self.state.consumed_samples + batch)
         loss = torch.zeros((), device=self.device)
         hang = self.hang  # what this rank is doing, for a hang report (an attribute write each)
-        for _ in range(self.setup.grad_accum):
+        for a in range(accum):
             hang.phase = "data"
+            self.engine.set_gradient_accumulation_boundary(a == accum - 1)
             x = to_device(next(self.batches), self.device)
             hang.phase = "forward"
             micro = self.engine(input_ids=x[:, :-1], targets=x[:, 1:], **self.inputs(x[:, :-1])) / x[:, 1:].numel()
@@ -176,9 +192,10 @@ class Trainer:
             self.engine.backward(micro)
             hang.phase = "optimizer"
             self.engine.step()
-            loss += micro.detach() / self.setup.grad_accum
+            loss += micro.detach() / accum
         self.state.step += 1
-        self.state.consumed_samples += self.cfg.global_batch
+        self.state.consumed_samples += batch
+        self.batch = batch
         return loss
 
     def inputs(self, x: torch.Tensor) -> dict:
@@ -192,7 +209,7 @@ class Trainer:
     def record(self, loss: torch.Tensor) -> None:
         """Keep this step's figures (on the device) for the next flush."""
         state = self.state
-        self.window.add(state.step, state.consumed_samples, loss, self.engine.get_global_grad_norm(),
+        self.window.add(state.step, state.consumed_samples, self.batch, loss, self.engine.get_global_grad_norm(),
                         self.engine.get_lr()[0], state.nonfinite_total)
 
     def agree(self, stop_here: bool, loss: torch.Tensor) -> tuple[bool, bool]:

@@ -30,7 +30,7 @@ def _engine(req: MeasureRequest):
     cfg = RunConfig(model=req.model, seq_len=req.seq_len, global_batch=req.micro_batch, micro_batch=req.micro_batch,
                     zero_stage=req.zero_stage, precision="bf16", warmup_steps=1,
                     activation_checkpointing=req.activation_checkpointing)
-    ds_config = dsconfig.build(cfg, 1, 1, 10, on_cpu=not torch.cuda.is_available())
+    ds_config = dsconfig.build(cfg, 1, 1, on_cpu=not torch.cuda.is_available())
     config = build_config(get_shape(req.model), req.vocab, 0, 0, req.seq_len)
     return build_engine(config, ds_config, 0, cfg.weight_decay, req.activation_checkpointing)
 

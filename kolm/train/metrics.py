@@ -60,6 +60,7 @@ def read_metrics(run_dir: str | os.PathLike) -> RunMetrics:
 class _Pending:
     step: int
     consumed_samples: int
+    global_batch: int  # samples in this step (changes during a batch ramp)
     loss: torch.Tensor  # this rank's mean over its micro-batches, still on the device
     grad_norm: object  # a tensor or a float from DeepSpeed, or None
     lr: float
@@ -70,8 +71,8 @@ class StepWindow:
     """Per-step figures kept on the device until a flush: then one all-reduce of the window's
     losses, one transfer, and one throughput measurement over the window."""
 
-    def __init__(self, seq_len: int, global_batch: int, world_size: int, flops_per_token: float, peak_flops: float):
-        self.seq_len, self.tokens_per_step, self.world_size = seq_len, seq_len * global_batch, world_size
+    def __init__(self, seq_len: int, world_size: int, flops_per_token: float, peak_flops: float):
+        self.seq_len, self.world_size = seq_len, world_size
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.pending: list[_Pending] = []
         self.restart_clock()
@@ -79,11 +80,12 @@ class StepWindow:
     def restart_clock(self) -> None:
         """Throughput windows exclude evaluation and checkpoint time."""
         self.started = time.perf_counter()
-        self.timed_steps = 0
+        self.timed_samples = 0
 
-    def add(self, step: int, consumed: int, loss: torch.Tensor, grad_norm, lr: float, skipped: int) -> None:
-        self.pending.append(_Pending(step, consumed, loss.detach(), grad_norm, lr, skipped))
-        self.timed_steps += 1
+    def add(self, step: int, consumed: int, batch: int, loss: torch.Tensor, grad_norm, lr: float,
+            skipped: int) -> None:
+        self.pending.append(_Pending(step, consumed, batch, loss.detach(), grad_norm, lr, skipped))
+        self.timed_samples += batch  # tokens/s counts each step's own batch, ramp or not
 
     def flush(self, timed: bool) -> list[dict]:
         """The window's train records (collective: every rank calls it at the same step).
@@ -93,7 +95,7 @@ class StepWindow:
         losses = _mean_over_ranks(torch.stack([p.loss for p in self.pending]), self.world_size)
         norms = _floats([p.grad_norm for p in self.pending])
         records = [{"kind": "train", "step": p.step, "consumed_samples": p.consumed_samples,
-                    "tokens": p.consumed_samples * self.seq_len,
+                    "tokens": p.consumed_samples * self.seq_len, "global_batch": p.global_batch,
                     "loss": loss, "lr": p.lr, "grad_norm": norm, "skipped_steps": p.skipped_steps}
                    for p, loss, norm in zip(self.pending, losses, norms)]
         if timed:
@@ -103,7 +105,7 @@ class StepWindow:
         return records
 
     def throughput(self) -> dict:
-        tps = self.timed_steps * self.tokens_per_step / max(time.perf_counter() - self.started, 1e-9)
+        tps = self.timed_samples * self.seq_len / max(time.perf_counter() - self.started, 1e-9)
         per_device = tps / self.world_size
         return {"tokens_per_s": tps, "tokens_per_s_per_device": per_device,
                 "mfu": per_device * self.flops_per_token / self.peak_flops}

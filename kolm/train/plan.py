@@ -20,6 +20,7 @@ from kolm.errors import KolmError
 from kolm.model.flops import CHUNK_ELEMENTS, flops_per_token, parameter_count
 from kolm.model.presets import PhiShape, get_shape, padded_vocab
 from kolm.train.hardware import CARDS
+from kolm.train.rampup import BatchSchedule
 
 USABLE = 0.90  # of device memory: the CUDA context, NCCL buffers and allocator fragmentation take the rest
 # Bytes per token per hidden unit that one Phi block (intermediate size 4 x hidden) keeps for
@@ -169,6 +170,11 @@ class PlanRequest:
     tokens_per_line: float = 30.0
     epochs: float = 1.0
     mfu: float = 0.40  # assumed model FLOPs utilization for the time estimate
+    rampup_batch_size: list | None = None  # [start, increment, samples], as the recipe key
+
+    @property
+    def schedule(self) -> BatchSchedule:
+        return BatchSchedule.from_config(self.global_batch, self.rampup_batch_size)
 
     @property
     def shape(self) -> PhiShape:
@@ -196,6 +202,7 @@ class PlanRequest:
             raise KolmError(f"--mfu is a fraction between 0 and 1 (e.g. 0.4), got {self.mfu}")
         self.vocab  # noqa: B018 (validates the vocabulary)
         self.budget_tokens()
+        self.schedule.check_layout(1, self.gpus)
 
     def budget_tokens(self) -> float | None:
         if self.tokens and self.lines:
@@ -225,7 +232,8 @@ def format_plan(req: PlanRequest) -> str:
     if choice is None:
         lines.append("nothing fits: use more GPUs, a shorter seq_len or a smaller model")
         return "\n".join(lines)
-    row, mb = choice
+    row, unramped = choice
+    mb = ramp_micro_batch(req.schedule, unramped, req.gpus)
     peak = peak_bytes(row.states, shape, vocab, req.seq_len, mb, row.checkpointing)
     lines.append(f"recommended: zero_stage={row.layout.zero_stage} deepspeed_config=ds_configs/{row.layout.name}.json "
                  f"micro_batch={mb} activation_checkpointing={str(row.checkpointing).lower()} "
@@ -233,7 +241,30 @@ def format_plan(req: PlanRequest) -> str:
     tokens = req.budget_tokens()
     if tokens:
         lines.append(_format_time(req, tokens, card.bf16_tflops, row.checkpointing))
+        if req.schedule.ramped:
+            lines += _format_ramp(req, tokens, mb, unramped)
     return "\n".join(lines)
+
+
+def ramp_micro_batch(schedule: BatchSchedule, mb: int, gpus: int) -> int:
+    """The largest micro batch up to ``mb`` that splits every batch of the ramp over the GPUs."""
+    return max(d for d in range(1, mb + 1) if all(b % (d * gpus) == 0 for b in schedule.sizes()))
+
+
+def _format_ramp(req: PlanRequest, tokens: float, mb: int, unramped: int) -> list[str]:
+    """The ramp's steps within the token budget: same tokens and FLOPs, more (smaller) optimizer steps."""
+    schedule = req.schedule
+    full_steps = math.ceil(tokens / req.seq_len / req.global_batch)
+    steps = schedule.steps_to(full_steps * req.global_batch)
+    ramp_end = schedule.segments()[-1]
+    share = min(1.0, ramp_end.first_sample * req.seq_len / tokens)
+    capped = (f"; the ramp's batches cap the micro batch at {mb} ({unramped} without the ramp), which usually "
+              "lowers the MFU: check it with --measure --micro-batch " + str(mb)) if mb < unramped else ""
+    return [f"ramp {schedule.start} -> {req.global_batch} by {schedule.increment} over {schedule.samples:,} samples: "
+            f"{steps:,} optimizer steps instead of {full_steps:,}, the first {ramp_end.first_step - 1:,} "
+            f"({share:.2%} of the tokens) at smaller batches. The same tokens and FLOPs: at the same MFU the "
+            f"same time{capped}",
+            schedule.table(mb, req.gpus, steps)]
 
 
 def _format_table(table: list[Row], gib: float) -> list[str]:

@@ -14,12 +14,12 @@ from kolm.train.config import RunConfig
 from kolm.train.setup import RunSetup
 from kolm.train.state import TrainState
 
-# Recipe keys a checkpoint's optimizer, learning-rate schedule or sample order were built from.
+# Recipe keys a checkpoint's optimizer, learning-rate schedule, batch schedule or sample order were built from.
 # DeepSpeed restores those from the checkpoint, so a changed value would be silently ignored (or
 # fail deep inside the load): resuming refuses it. Everything else (micro_batch, node count,
 # eval/log/save cadence, grad_clip, activation_checkpointing) may change between restarts.
 FIXED_ON_RESUME = ("global_batch", "lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
-                   "warmup_steps", "zero_stage", "precision", "trainable")
+                   "warmup_steps", "zero_stage", "precision", "trainable", "rampup_batch_size")
 
 
 def check_resumable(ckpt: checkpoint.Checkpoint, cfg: RunConfig, setup: RunSetup) -> None:

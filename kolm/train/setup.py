@@ -23,6 +23,8 @@ from kolm.train import checkpoint, distenv, dsconfig, freeze
 from kolm.train.config import RunConfig
 from kolm.train.init_from import InitSource, check_recipe_shape, resolve_source, resumed_source
 from kolm.train.init_from import check_tokenizer as check_source_tokenizer
+from kolm.train.lr_schedule import LRSchedule
+from kolm.train.rampup import BatchSchedule
 from kolm.train.wandb_log import check_available
 
 DEFAULT_MODEL = "phi-1.5"  # the preset of a recipe that names none and starts from scratch
@@ -45,6 +47,16 @@ class RunSetup:
     trainable: freeze.Trainable = freeze.Trainable(None)
     model_name: str = DEFAULT_MODEL  # the preset, or where init_from took the weights
     tokenizer: str = ""  # the tokenizer directory (the recipe's, or init_from's source's)
+    schedule: BatchSchedule | None = None  # the global batch per step (constant, or a ramp)
+    lr: LRSchedule | None = None  # the learning rate by consumed samples
+
+    @property
+    def micro_batch(self) -> int:
+        return self.ds_config["train_micro_batch_size_per_gpu"]
+
+    def accumulation(self, batch: int) -> int:
+        """Micro-batches per rank in a step of global batch ``batch``."""
+        return batch // (self.micro_batch * self.env.world_size)
 
     @property
     def base_vocab_size(self) -> int | None:
@@ -55,13 +67,16 @@ class RunSetup:
         return len(self.train.sources) > 1
 
     def describe(self) -> str:
-        text = (f"{self.total_steps} steps, gradient accumulation {self.grad_accum} on {self.env.world_size} ranks, "
-                f"{self.n_params / 1e6:.1f}M parameters")
+        full = " at the full batch" if self.schedule.ramped else ""
+        text = (f"{self.total_steps} steps, gradient accumulation {self.grad_accum}{full} on {self.env.world_size} "
+                f"ranks, {self.n_params / 1e6:.1f}M parameters")
         if self.source:
             base = f", base vocabulary {self.base_vocab_size}" if self.base_vocab_size else ""
             text += f"\nweights from {self.model_name}: {self.model_config_dict['vocab_size']} rows{base}"
         if not self.trainable.everything:
             text += f"\ntrainable: {self.trainable.describe()}\n" + freeze.count_table(self.trainable_counts())
+        if self.schedule.ramped:
+            text += "\n" + self.schedule.table(self.micro_batch, self.env.world_size, self.total_steps)
         return text + ("\n" + self.blend_table() if self.blended else "")
 
     def trainable_counts(self) -> dict[str, tuple[int, int]]:
@@ -75,7 +90,7 @@ class RunSetup:
 
     def blend_table(self) -> str:
         """The sources, their shares, their size, and how many epochs of each the run will see."""
-        samples = self.total_steps * self.train_global_batch
+        samples = self.schedule.consumed_after(self.total_steps)
         rows = [f"  {'source':<20}{'weight':>8}{'tokens':>14}{'windows':>10}{'epochs':>8}"]
         for name, share, d, taken in zip(self.train.names, self.train.fractions, self.train.datasets,
                                           self.train.taken(samples)):
@@ -97,15 +112,20 @@ def prepare(cfg: RunConfig) -> RunSetup:
     check_sources(sources, tok.fingerprint(), str(tok.path))
     if source:
         check_source_tokenizer(source, tok)
+    schedule = cfg.batch_schedule()
+    schedule.check_layout(cfg.micro_batch, env.world_size)
     grad_accum = check_batch_layout(cfg.global_batch, cfg.micro_batch, env.world_size)
     shape = model_shape(cfg, source)
     vocab = source.rows if source else padded_vocab(tok.vocab_size, cfg.vocab_multiple)
     trainable = freeze.resolve(cfg.trainable, source.base_vocab_size if source else None, vocab,
                                source.label() if source else "a model without init_from")
     train = BlendedDataset(sources, "train", cfg.seq_len, cfg.seed)
-    total = cfg.train_steps or math.ceil(cfg.epochs * train.num_samples / cfg.global_batch)
+    # train_steps and epochs (and warmup_steps) are read as steps of the full batch, counted in samples:
+    # a ramp's smaller early steps take the run no further through the data or the learning-rate schedule
+    full_steps = cfg.train_steps or math.ceil(cfg.epochs * train.num_samples / cfg.global_batch)
+    total = schedule.steps_to(full_steps * cfg.global_batch)
     positions = shape.max_position_embeddings
-    ds_config = dsconfig.build(cfg, env.world_size, grad_accum, total, on_cpu=not torch.cuda.is_available())
+    ds_config = dsconfig.build(cfg, env.world_size, grad_accum, on_cpu=not torch.cuda.is_available())
     check_kernels(cfg)
     if cfg.wandb_project:
         check_available()
@@ -113,7 +133,8 @@ def prepare(cfg: RunConfig) -> RunSetup:
                     build_config(shape, vocab, tok.eos_id, tok.eos_id, positions, cfg.attn_implementation),
                     phi_config_dict(shape, vocab, tok.eos_id, tok.eos_id, positions), ds_config,
                     flops_per_token(shape, vocab, cfg.seq_len), parameter_count(shape, vocab), tok.eos_id,
-                    source, trainable, source.label() if source else cfg.model or DEFAULT_MODEL, tok.path)
+                    source, trainable, source.label() if source else cfg.model or DEFAULT_MODEL, tok.path, schedule,
+                    LRSchedule.for_run(cfg.lr, cfg.min_lr, cfg.warmup_steps, full_steps, cfg.global_batch))
 
 
 def weights_source(cfg: RunConfig) -> InitSource | None:
