@@ -6,16 +6,19 @@
 #   slurm/pipeline.sh --recipe recipes/phi-1_5-ko.yaml --input corpus/*.jsonl.gz \
 #       --tokenizer work/tokenizer [--vocab-size 32000] --shards work/shards \
 #       --out models/phi-1_5-ko [--shard-tasks 8] [--nodes 4] [--time 24:00:00] \
-#       [--clean work/clean [--clean-tasks 4]] [--eval-tasks kobest_boolq,kobest_copa] [-- key=value ...]
+#       [--clean work/clean [--clean-tasks 4]] [--documents lines|paragraphs|files] \
+#       [--eval-tasks kobest_boolq,kobest_copa] [-- key=value ...]
 #
 # With --clean DIR, `kolm clean` (slurm/clean.sbatch) first writes the cleaned corpus to DIR, and
-# the tokenizer and the shards are made from DIR instead of the --input files.
+# the tokenizer and the shards are made from DIR instead of the --input files. --documents says how
+# plain-text inputs hold their documents (see `kolm shard --help`); it goes to the first job that
+# reads them.
 # Run it on a login node, from the directory the job logs should go to (relative paths are
 # relative to it too). The tokenizer is trained first only when
 # --tokenizer does not exist yet (then --vocab-size is required). Everything after `--` overrides
 # recipe keys; data and tokenizer are set from --shards and --tokenizer. Partition, account, the
 # software environment and extra sbatch options per kind of job (KOLM_SBATCH_TRAIN,
-# KOLM_SBATCH_CPU, KOLM_SBATCH_EVAL) come from slurm/site.sh. With --eval-tasks, every checkpoint
+# KOLM_SBATCH_CPU, KOLM_SBATCH_EVAL) come from slurm/site.sh, applied by slurm/submit. With --eval-tasks, every checkpoint
 # of the run is scored with those lm-evaluation-harness tasks after training (slurm/eval.sbatch).
 # Prints the job ids; each job waits for the previous one to succeed (afterok), so a failure
 # stops the chain.
@@ -24,12 +27,10 @@ KOLM_HOME=$(dirname "$(dirname "$(readlink -f "$0")")")
 export KOLM_HOME
 # shellcheck source=site.sh
 source "$KOLM_HOME/slurm/site.sh"
-read -r -a train_sbatch <<<"$KOLM_SBATCH_TRAIN"
-read -r -a cpu_sbatch <<<"$KOLM_SBATCH_CPU"
-read -r -a eval_sbatch <<<"${KOLM_SBATCH_EVAL:-}"
+submit() { "$KOLM_HOME/slurm/submit" --parsable "$@"; }
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
-recipe= tokenizer= vocab= shards= out= tasks=4 nodes= time= eval_tasks= clean= clean_tasks=4 inputs=() overrides=()
+usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+recipe= tokenizer= vocab= shards= out= tasks=4 nodes= time= eval_tasks= clean= clean_tasks=4 documents=() inputs=() overrides=()
 while [[ $# -gt 0 ]]; do
   case $1 in
     --recipe) recipe=$2; shift 2 ;;
@@ -44,6 +45,7 @@ while [[ $# -gt 0 ]]; do
     --eval-tasks) eval_tasks=$2; shift 2 ;;
     --clean) clean=$2; shift 2 ;;
     --clean-tasks) clean_tasks=$2; shift 2 ;;
+    --documents) documents=(--documents "$2"); shift 2 ;;
     --) shift; overrides=("$@"); break ;;
     -h|--help) usage ;;
     *) echo "pipeline: unknown option $1" >&2; usage ;;
@@ -63,37 +65,37 @@ print(load_config(sys.argv[1], sys.argv[2:]).run_dir)' "$recipe" "${overrides[@]
 
 dep=()
 if [[ -n $clean ]]; then
-  clean_job=$(sbatch --parsable "${cpu_sbatch[@]}" --array="0-$((clean_tasks - 1))" "$KOLM_HOME/slurm/clean.sbatch" \
-    --input "${inputs[@]}" --out "$clean")
+  clean_job=$(submit --array="0-$((clean_tasks - 1))" "$KOLM_HOME/slurm/clean.sbatch" \
+    --input "${inputs[@]}" "${documents[@]}" --out "$clean")
   echo "clean:     job $clean_job (array of $clean_tasks; report in $clean/report.json)"
   dep=(--dependency="afterok:$clean_job")
-  inputs=("$clean")
+  inputs=("$clean") documents=()  # the cleaned corpus is JSON lines, one document each
 fi
 if [[ ! -e $tokenizer ]]; then
   [[ -n $vocab ]] || { echo "pipeline: $tokenizer does not exist; give --vocab-size to train it first" >&2; exit 2; }
-  tok_job=$(sbatch --parsable "${dep[@]}" "${cpu_sbatch[@]}" "$KOLM_HOME/slurm/tokenizer.sbatch" --input "${inputs[@]}" \
+  tok_job=$(submit "${dep[@]}" "$KOLM_HOME/slurm/tokenizer.sbatch" --input "${inputs[@]}" "${documents[@]}" \
     --vocab-size "$vocab" --out "$tokenizer")
   echo "tokenizer: job $tok_job"
   dep=(--dependency="afterok:$tok_job")
 fi
-shard_job=$(sbatch --parsable "${dep[@]}" "${cpu_sbatch[@]}" --array="0-$((tasks - 1))" "$KOLM_HOME/slurm/shard.sbatch" \
-  --input "${inputs[@]}" --tokenizer "$tokenizer" --out "$shards")
+shard_job=$(submit "${dep[@]}" --array="0-$((tasks - 1))" "$KOLM_HOME/slurm/shard.sbatch" \
+  --input "${inputs[@]}" "${documents[@]}" --tokenizer "$tokenizer" --out "$shards")
 echo "shard:     job $shard_job (array of $tasks)"
-merge_job=$(sbatch --parsable "${cpu_sbatch[@]}" --dependency="afterok:$shard_job" "$KOLM_HOME/slurm/shard.sbatch" \
+merge_job=$(submit --dependency="afterok:$shard_job" "$KOLM_HOME/slurm/shard.sbatch" \
   merge "$shards")
 echo "merge:     job $merge_job"
-train_opts=("${train_sbatch[@]}")
+train_opts=()
 [[ -n $nodes ]] && train_opts+=(--nodes="$nodes")
 [[ -n $time ]] && train_opts+=(--time="$time")
-train_job=$(sbatch --parsable "${train_opts[@]}" --dependency="afterok:$merge_job" "$KOLM_HOME/slurm/pretrain.sbatch" \
+train_job=$(submit "${train_opts[@]}" --dependency="afterok:$merge_job" "$KOLM_HOME/slurm/pretrain.sbatch" \
   "$recipe" "${overrides[@]}")
 echo "pretrain:  job $train_job (log kolm-pretrain-$train_job.out, run directory $run_dir)"
-convert_job=$(sbatch --parsable "${cpu_sbatch[@]}" --dependency="afterok:$train_job" "$KOLM_HOME/slurm/convert.sbatch" \
+convert_job=$(submit --dependency="afterok:$train_job" "$KOLM_HOME/slurm/convert.sbatch" \
   "$run_dir" --out "$out")
 echo "convert:   job $convert_job (model in $out)"
 jobs="${clean_job:+$clean_job }$shard_job $merge_job $train_job $convert_job"
 if [[ -n $eval_tasks ]]; then
-  eval_job=$(sbatch --parsable "${eval_sbatch[@]}" --dependency="afterok:$train_job" "$KOLM_HOME/slurm/eval.sbatch" \
+  eval_job=$(submit --dependency="afterok:$train_job" "$KOLM_HOME/slurm/eval.sbatch" \
     "$run_dir" "$eval_tasks")
   echo "eval:      job $eval_job ($eval_tasks on every checkpoint; results in $run_dir/metrics.jsonl)"
   jobs="$jobs $eval_job"
