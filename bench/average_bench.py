@@ -80,13 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--every", type=int, default=20, help="steps between checkpoints")
     p.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
     args = p.parse_args(argv)
-    if not args.corpus.is_file():
-        common.die(f"{args.corpus}: no such corpus (pass --corpus PATH, any Korean text file)")
     if args.steps < max(AVERAGES) * args.every:
         common.die(f"--steps {args.steps} leaves fewer than {max(AVERAGES)} checkpoints at --every {args.every}")
-    corpus = common.prepare_corpus(args.corpus, args.lines)
-    tok = common.ensure_tokenizer(corpus, args.vocab)
-    shards = common.ensure_shards(corpus, tok, 0.02)
+    tok, shards = common.korean_training_data(args.corpus, args.lines, args.vocab, 0.02)
     results = {name: averaged_losses(train(name, args, tok, shards, schedule), shards)
                for name, schedule in SCHEDULES.items()}
     common.publish(report(results, args), HEADING, "bench/average_bench.py", not args.no_record)

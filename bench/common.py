@@ -111,10 +111,17 @@ def ensure_shards(corpus: Path, tok: Path, valid_fraction: float) -> Path:
     return target
 
 
-def ensure_training_data(corpus: Path, vocab_size: int) -> tuple[Path, Path]:
+def ensure_training_data(corpus: Path, vocab_size: int, valid_fraction: float = 0.002) -> tuple[Path, Path]:
     """(tokenizer, shards) of the benchmark text, each cached in ``bench/out/``."""
     tok = ensure_tokenizer(corpus, vocab_size)
-    return tok, ensure_shards(corpus, tok, 0.002)
+    return tok, ensure_shards(corpus, tok, valid_fraction)
+
+
+def korean_training_data(corpus: Path, lines: int, vocab_size: int, valid_fraction: float) -> tuple[Path, Path]:
+    """(tokenizer, shards) of the first ``lines`` lines of a corpus the user names, or a clear exit."""
+    if not corpus.is_file():
+        die(f"no corpus at {corpus}; pass --corpus PATH (any Korean .txt, .txt.gz or .jsonl corpus)")
+    return ensure_training_data(prepare_corpus(corpus, lines), vocab_size, valid_fraction)
 
 
 # --------------------------------------------------------------------------- load accounting

@@ -156,11 +156,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not args.corpus.is_file():
-        common.die(f"no corpus at {args.corpus}; pass --corpus PATH")
-    corpus = common.prepare_corpus(args.corpus, args.lines)
-    tok = common.ensure_tokenizer(corpus, args.vocab_size)
-    shards = common.ensure_shards(corpus, tok, 0.02)
+    tok, shards = common.korean_training_data(args.corpus, args.lines, args.vocab_size, 0.02)
     from kolm.data.packed import PackedDataset
 
     windows = min(args.eval_samples, PackedDataset(shards, "valid", args.seq_len).num_samples)
