@@ -178,7 +178,10 @@ def test_document_attention_trains_and_evaluates_as_each_document_alone(tmp_path
     assert report.attention == "document"  # as trained, from config.json
     assert _piecewise_loss(model_dir, shards, tokenizer_dir, 8) == pytest.approx(report.eval_loss, rel=1e-5)
     causal = evaluate_model(str(model_dir), str(shards), max_samples=8, micro_batch=4, attention="causal")
-    assert causal.eval_loss != pytest.approx(report.eval_loss, rel=1e-4)
+    # The attention setting is honoured: causal attention scores differently, by more than the
+    # precision at which document attention matches the piecewise reference above (a model this
+    # briefly trained uses little context, so the two differ by well under 1e-3).
+    assert causal.eval_loss != pytest.approx(report.eval_loss, rel=2e-5)
 
 
 def _piecewise_loss(model_dir: Path, shards: Path, tokenizer_dir: Path, windows: int) -> float:
