@@ -14,7 +14,7 @@ text, then measures, on the same model shape, sequence length and global batch:
 * ``kolm 1x2`` the same on one process with 2 threads.
   kolm's rate is the steady state from ``metrics.jsonl`` (``log_every=1``, so every step is timed on its own;
   the first ``--warmup`` steps are dropped), and its MFU is the one kolm logs (per-device tokens/s x
-  FLOPs per token / the matmul peak each rank measures in the training dtype).
+  FLOPs per token / the best matmul peak measured on the machine so far, kolm/train/hardware.py).
 
 Rates are reported for the median timed step and for the whole timed window: on a shared 2-core machine other
 jobs steal whole steps, and a 2-thread process slows down far more than its share when they do.
