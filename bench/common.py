@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gzip
+import json
 import os
 import platform
 import resource
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -198,6 +200,74 @@ def run_timed(cmd: list[str], env: dict[str, str], log: Path | None = None, time
     if proc.returncode != 0:
         die(f"{shlex.join(cmd)} failed ({proc.returncode}):\n{stderr[-4000:]}")
     return Timed(wall, cpu, others, stdout, stderr)
+
+
+# --------------------------------------------------------------------------- kolm train for a wall-clock budget
+
+
+def start_ranks(path: Path, log: Path, ranks: int = 2, threads: int = 1) -> list[subprocess.Popen]:
+    """``ranks`` `kolm train` processes of ``threads`` threads each, with the environment torchrun would give
+    them."""
+    from kolm.train.distenv import free_port
+
+    port = str(free_port())
+    procs = []
+    for rank in range(ranks):
+        env = bench_env(RANK=str(rank), WORLD_SIZE=str(ranks), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(ranks),
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS=str(threads),
+                        DS_ACCELERATOR="cpu")
+        with open(log.with_name(f"{log.stem}-rank{rank}.log"), "w") as out:
+            procs.append(subprocess.Popen(kolm_cmd("train", "--config", str(path)), env=env, stdout=out,
+                                          stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True))
+    return procs
+
+
+def kill_all(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def wait_for_first_step(procs: list[subprocess.Popen], run_dir: Path, timeout: float) -> None:
+    """Until the run's first training step is logged (start-up is not part of a training budget)."""
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while not (metrics.is_file() and metrics.stat().st_size > 0):
+        if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
+            kill_all(procs)
+            die(f"no training step logged in {run_dir}; see the rank logs beside it")
+        time.sleep(0.2)
+
+
+def train_kolm_for(recipe: dict, work: Path, seconds: float, timeout: float, ranks: int = 2) -> dict:
+    """Run `kolm train` with ``recipe`` on ``ranks`` local ranks (sharing 2 threads) for ``seconds`` after its
+    first logged step, then SIGUSR1 (checkpoint and stop); a run that ends by itself sooner is kept as it is.
+    What it reached."""
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    path = work / "recipe.yaml"
+    path.write_text(json.dumps(recipe), encoding="utf-8")
+    b0 = busy_jiffies()
+    procs = start_ranks(path, work / "train.log", ranks, max(1, 2 // ranks))
+    wait_for_first_step(procs, Path(recipe["run_dir"]), timeout)
+    started = time.monotonic()
+    while time.monotonic() - started < seconds and all(p.poll() is None for p in procs):
+        time.sleep(0.2)
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGUSR1)
+    codes = [p.wait(timeout=timeout) for p in procs]
+    trained = time.monotonic() - started
+    if set(codes) - {0, 75} or len(set(codes)) != 1:
+        die(f"{work}: exit {codes}, expected 75 (stopped by the signal) or 0 (finished); see its rank logs")
+    from kolm.train.metrics import read_metrics
+
+    records = read_metrics(Path(recipe["run_dir"])).train
+    return {"run": Path(recipe["run_dir"]), "seconds": trained, "steps": records[-1]["step"],
+            "samples": records[-1]["consumed_samples"], "finished": codes[0] == 0,
+            "train_loss": sum(r["loss"] for r in records[-10:]) / min(10, len(records)),
+            "busy": (busy_jiffies() - b0) / os.sysconf("SC_CLK_TCK") / max(trained, 1e-9)}
 
 
 # --------------------------------------------------------------------------- machine information

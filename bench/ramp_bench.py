@@ -14,13 +14,7 @@ samples (``min_lr = lr``), so no arm is caught at another point of a decay.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import common
@@ -47,64 +41,11 @@ def recipe(args: argparse.Namespace, shards: Path, tok: Path, run_dir: Path, bat
             **({"rampup_batch_size": batch["rampup_batch_size"]} if "rampup_batch_size" in batch else {})}
 
 
-def start_ranks(path: Path, log: Path) -> list[subprocess.Popen]:
-    """Two `kolm train` processes in one process group (the environment torchrun would give them)."""
-    from kolm.train.distenv import free_port
-
-    port = str(free_port())
-    procs = []
-    for rank in range(2):
-        env = common.bench_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-                               MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1",
-                               DS_ACCELERATOR="cpu")
-        with open(log.with_name(f"{log.stem}-rank{rank}.log"), "w") as out:
-            procs.append(subprocess.Popen(common.kolm_cmd("train", "--config", str(path)), env=env, stdout=out,
-                                          stderr=subprocess.STDOUT, cwd=common.ROOT, start_new_session=True))
-    return procs
-
-
-def first_step_logged(run_dir: Path) -> bool:
-    metrics = run_dir / "metrics.jsonl"
-    return metrics.is_file() and metrics.stat().st_size > 0
-
-
 def train(args: argparse.Namespace, shards: Path, tok: Path, name: str, batch: dict) -> dict:
     """Train one arm for ``args.seconds`` after its first logged step; what it reached."""
     work = common.OUT / f"ramp-{name.replace(' ', '').replace('->', '-')}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    path = work / "recipe.yaml"
-    path.write_text(json.dumps(recipe(args, shards, tok, work / "run", batch)), encoding="utf-8")
-    b0 = common.busy_jiffies()
-    procs = start_ranks(path, work / "train.log")
-    deadline = time.monotonic() + args.timeout
-    while not first_step_logged(work / "run"):
-        if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
-            _kill(procs)
-            common.die(f"{name}: no step logged; see {work}/train-rank0.log")
-        time.sleep(0.2)
-    started = time.monotonic()
-    time.sleep(max(0.0, args.seconds - (time.monotonic() - started)))
-    for p in procs:
-        p.send_signal(signal.SIGUSR1)
-    codes = [p.wait(timeout=args.timeout) for p in procs]
-    trained = time.monotonic() - started
-    busy = (common.busy_jiffies() - b0) / os.sysconf("SC_CLK_TCK") / max(trained, 1e-9)
-    if codes != [75, 75]:
-        common.die(f"{name}: exit {codes}, expected 75 (stopped by the signal); see {work}")
-    from kolm.train.metrics import read_metrics
-
-    records = read_metrics(work / "run").train
-    return {"name": name, "run": work / "run", "seconds": trained, "steps": records[-1]["step"],
-            "samples": records[-1]["consumed_samples"], "train_loss": sum(r["loss"] for r in records[-10:]) / min(
-                10, len(records)), "busy": busy}
-
-
-def _kill(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+    return {"name": name, **common.train_kolm_for(recipe(args, shards, tok, work / "run", batch), work, args.seconds,
+                                                  args.timeout)}
 
 
 def evaluate(run: Path, shards: Path, samples: int) -> float:

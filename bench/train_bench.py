@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import common
+import seed
 import spy_profile
 from common import DEFAULT_CORPUS, OUT, RESULTS, ROOT, die
 
@@ -55,7 +56,7 @@ HEADING = "## Training throughput"
 SEED, KOLM_2X1, KOLM_1X2 = "seed", "kolm-2x1", "kolm-1x2"
 METHODS = (SEED, KOLM_2X1, KOLM_1X2)
 LAYOUTS = {KOLM_2X1: (2, 1), KOLM_1X2: (1, 2)}  # (processes, threads per process)
-SEED_MICRO_BATCH, SEED_ACCUM = 4, 4  # the seed's per_device_train_batch_size, gradient_accumulation_steps
+SEED_MICRO_BATCH, SEED_ACCUM = seed.MICRO_BATCH, seed.ACCUM
 
 
 @dataclass
@@ -125,28 +126,6 @@ def base_env(threads: int) -> dict[str, str]:
 # --------------------------------------------------------------------------- the seed (child process)
 
 
-def model_config(tok_dir: Path, model: str, seq_len: int):
-    """The exact PhiConfig kolm builds for this tokenizer, so both sides train the same model."""
-    from kolm.data.tokenizer import load_tokenizer_info
-    from kolm.model.presets import build_config, get_shape, padded_vocab
-
-    info = load_tokenizer_info(tok_dir)
-    shape = get_shape(model)
-    return build_config(shape, padded_vocab(info.vocab_size), info.eos_id, info.eos_id,
-                        max(seq_len, shape.max_position_embeddings))
-
-
-def seed_dataset(corpus: Path, tok, seq_len: int):
-    """The seed's data: all lines in memory, one line = one sample, truncated at ``seq_len``."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    lines = common.read_lines(corpus)
-    ds = datasets.Dataset.from_dict({"text": lines})
-    return ds.map(lambda b: tok(b["text"], truncation=True, max_length=seq_len, return_overflowing_tokens=True),
-                  batched=True, remove_columns=ds.column_names)
-
-
 class TokenCounter:
     """A forward pre-hook counting the tokens each forward call processes."""
 
@@ -166,24 +145,13 @@ def child_seed(corpus: Path, tok_dir: Path, model: str, seq_len: int, threads: i
     import torch
 
     torch.set_num_threads(threads)
-    try:
-        import accelerate  # noqa: F401  (Trainer needs it; the `bench` extra does not bring it)
-    except ImportError:
-        die("transformers.Trainer needs `accelerate`: .venv/bin/pip install accelerate")
-    from transformers import (
-        AutoTokenizer,
-        DataCollatorForLanguageModeling,
-        PhiForCausalLM,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-    )
+    seed.require_accelerate()
+    from transformers import DataCollatorForLanguageModeling, PhiForCausalLM, Trainer, TrainerCallback
 
-    tok = AutoTokenizer.from_pretrained(str(tok_dir))
-    tok.pad_token = tok.eos_token
-    dataset = seed_dataset(corpus, tok, seq_len)
+    tok = seed.tokenizer(tok_dir)
+    dataset = seed.dataset(common.read_lines(corpus), tok, seq_len)
     torch.manual_seed(1234)
-    net = PhiForCausalLM(model_config(tok_dir, model, seq_len))
+    net = PhiForCausalLM(seed.model_config(tok_dir, model, seq_len))
     counter = TokenCounter()
     net.register_forward_pre_hook(counter, with_kwargs=True)
     marks: list[tuple[float, int, int, float | None]] = []  # (time, useful, total, loss) at each step end
@@ -201,12 +169,9 @@ def child_seed(corpus: Path, tok_dir: Path, model: str, seq_len: int, threads: i
                 marks[-1] = (t, u, n, float(logs["loss"]))
 
     out = OUT / "seed-run"
-    args = TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=SEED_MICRO_BATCH, gradient_accumulation_steps=SEED_ACCUM,
-        learning_rate=5e-4, weight_decay=0.1, warmup_steps=max(1, warmup), lr_scheduler_type="cosine",
-        max_steps=warmup + steps, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
-        dataloader_num_workers=0, disable_tqdm=True, seed=1234,
-    )
+    # the seed's optimizer with a short warmup and a fixed length: this measures speed, not the schedule
+    args = seed.training_arguments(out, **{**seed.recipe_hyperparameters(), "warmup_steps": max(1, warmup),
+                                           "max_steps": warmup + steps, "logging_steps": 1})
     Trainer(model=net, args=args, train_dataset=dataset, data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
             callbacks=[StepClock()]).train()
     shutil.rmtree(out, ignore_errors=True)
@@ -392,7 +357,7 @@ def model_mfu(m: Measurement, peaks: dict) -> float:
 
 
 def format_table(best: dict[str, Measurement], peaks: dict, all_runs: list[Measurement]) -> str:
-    seed = best.get(SEED)
+    base = best.get(SEED)
     rows = [
         "| method | procs x threads | steps timed | median s / step | useful tok/s (median step) "
         "| useful tok/s (window) | total tok/s incl. padding (median step) | padding | MFU (kolm log) "
@@ -402,8 +367,8 @@ def format_table(best: dict[str, Measurement], peaks: dict, all_runs: list[Measu
     ]
     for m in best.values():
         runs = [x for x in all_runs if x.method == m.method]
-        vs = f"{m.median_useful_rate / seed.median_useful_rate:.2f}x" if seed else "n/a"
-        vs_window = f"{m.useful_rate / seed.useful_rate:.2f}x" if seed else "n/a"
+        vs = f"{m.median_useful_rate / base.median_useful_rate:.2f}x" if base else "n/a"
+        vs_window = f"{m.useful_rate / base.useful_rate:.2f}x" if base else "n/a"
         mfu = f"{m.mfu():.1%}" if m.mfu_scale is not None else "-"
         rows.append(
             f"| {LABELS[m.method]} | {m.processes} x {m.threads} | {m.steps} | {statistics.median(m.step_seconds):.2f} "
@@ -449,13 +414,13 @@ TABLE_NOTE = (
 
 def report_findings(best: dict[str, Measurement], peaks: dict) -> list[str]:
     """kolm against the seed, and the gradient norms kolm logged."""
-    seed = best.get(SEED)
+    base = best.get(SEED)
     lines = []
     for method in (KOLM_2X1, KOLM_1X2):
-        if seed and method in best:
+        if base and method in best:
             k = best[method]
-            lines.append(f"- {method} / seed, useful tokens/s: {k.median_useful_rate / seed.median_useful_rate:.2f}x "
-                         f"(median steps), {k.useful_rate / seed.useful_rate:.2f}x (whole windows); kolm MFU "
+            lines.append(f"- {method} / seed, useful tokens/s: {k.median_useful_rate / base.median_useful_rate:.2f}x "
+                         f"(median steps), {k.useful_rate / base.useful_rate:.2f}x (whole windows); kolm MFU "
                          f"{k.mfu():.1%} (kolm's peak at start-up: {k.peak_gflops} GFLOP/s per rank), "
                          f"{model_mfu(k, peaks):.1%} of this script's 2-thread fp32 peak")
     for m in best.values():

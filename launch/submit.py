@@ -97,7 +97,7 @@ class KolmTrain:
     def __call__(self) -> dict:
         from kolm.train.signals import GracefulStop
 
-        # Replaces submitit's USR2/TERM handlers until training returns (train() restores them).
+        # Replaces submitit's USR2/TERM handlers until training returns.
         stop = GracefulStop()
         import submitit
 
@@ -107,6 +107,7 @@ class KolmTrain:
         from kolm.train.signals import EXIT_REQUEUE
 
         code = train(load_config(self.config, self.overrides), stop, on_hang=self._requeue_after_hang)
+        stop.restore()  # submitit's handlers again: its USR2 handler requeues below
         if code == 0:
             return {"status": "finished", "config": self.config}
         if code == EXIT_REQUEUE and signal.SIGUSR2 in stop.received:

@@ -1,7 +1,9 @@
-"""The GPU benchmark's smoke mode: the same code as on a GPU, on CPU with tiny shapes, end to end."""
+"""Benchmarks end to end at toy sizes: the GPU benchmark's smoke mode (the same code as on a GPU, on CPU with tiny
+shapes) and the equal-wall-clock comparison with the seed."""
 
 from __future__ import annotations
 
+import gzip
 import os
 import subprocess
 import sys
@@ -48,3 +50,21 @@ def test_gpu_bench_refuses_a_malformed_group(tmp_path, groups, message):
     proc = _gpu_bench(tmp_path, "--groups", groups)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()  # refused before any corpus or tokenizer work
+
+
+def test_budget_bench_trains_both_recipes_for_the_budget_and_scores_unseen_lines(tmp_path, korean_corpus):
+    env = {**os.environ, "KOLM_BENCH_OUT": str(tmp_path / "out")}
+    proc = subprocess.run([sys.executable, "bench/budget_bench.py", "--no-record", "--corpus", str(korean_corpus),
+                           "--lines", "1500", "--score-lines", "200", "--vocab-size", "1000", "--model", "phi-tiny",
+                           "--layers", "1", "--seconds", "4", "--schedule-samples", "400", "--timeout", "300"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith(("| seed", "| kolm"))]
+    assert [r[1].split()[0] for r in rows] == ["seed", "kolm"], proc.stdout
+    for r in rows:
+        assert float(r[2]) >= 4 and int(r[3].replace(",", "")) > 0  # trained for the budget, in optimizer steps
+        assert 0 < float(r[7]) < 10  # a loss per token over a vocabulary of ~1,000
+    held = (tmp_path / "out").glob("heldout-*.txt.gz")
+    scored = gzip.open(next(held), "rt", encoding="utf-8").read().split("\n")[:-1]
+    training = {line.strip() for line in korean_corpus.read_text(encoding="utf-8").split("\n")[:1500]}
+    assert len(scored) == 200 and not set(scored) & training

@@ -200,3 +200,19 @@ def test_check_refuses_kernels_this_machine_cannot_run(tmp_path, shards, tokeniz
     assert compiled.returncode == 2 and "compile=true on a CPU works in fp32 only" in compiled.stderr
     assert _check(recipe, "compile=true", "precision=fp32").returncode == 0
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.unit
+def test_a_stop_signal_after_the_run_ended_does_not_kill_the_exiting_process():
+    # A time limit's warning can race the last step; the process must still exit with its own status.
+    script = ("import atexit, os, signal, time\n"
+              "from kolm.train.signals import GracefulStop\n"
+              "stop = GracefulStop()\n"
+              "stop.run_ended()\n"
+              "os.kill(os.getpid(), signal.SIGUSR1)\n"
+              "time.sleep(0.2)\n"
+              "assert not stop.pending\n"
+              "atexit.register(os.kill, os.getpid(), signal.SIGTERM)\n"  # while the interpreter shuts down
+              "print('alive')\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout == "alive\n", proc.stderr

@@ -39,6 +39,7 @@ def train(cfg: RunConfig, stop: GracefulStop | None = None, on_hang: Callable[[]
     Pass `stop` installed as early as possible: a stop signal that arrives while the engine
     starts is then honoured at the first step instead of killing the process. ``on_hang`` runs
     on a rank whose watchdog found a hang, just before it exits (a launcher's requeue)."""
+    own_stop = stop is None
     stop = stop or GracefulStop()
     t = None
     try:
@@ -63,7 +64,7 @@ def train(cfg: RunConfig, stop: GracefulStop | None = None, on_hang: Callable[[]
     finally:
         if t is not None:
             t.hang.stop()
-        stop.restore()
+        stop.restore() if own_stop else stop.run_ended()  # a caller's handlers stay until it exits
 
 
 class Trainer:

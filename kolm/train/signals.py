@@ -30,6 +30,13 @@ class GracefulStop:
         """This rank received a stop signal (the loop agrees on it with the others each step)."""
         return bool(self.received)
 
+    def run_ended(self) -> None:
+        """Training has returned: a stop signal from now on (a time limit's warning that raced the last
+        step) is ignored, so it cannot kill a process on its way to its final exit status. Ignored, not
+        handled: Python puts its own handlers back to the default while the interpreter shuts down."""
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+
     def restore(self) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
