@@ -109,6 +109,31 @@ def sig_dtype(config: MinhashConfig) -> np.dtype:
     return np.dtype([(f"h{i}", fmt) for i in range(config.hashes_per_bucket)] + [("doc", "<u4")])
 
 
+def sort_order(keys: list[np.ndarray]) -> np.ndarray:
+    """``np.lexsort(keys[::-1])`` (the first key most significant) for keys that together are
+    unique, several times faster: sorts on the first key, then only the runs of equal values on the
+    next key, and so on. The runs shrink fast: after two hashes, only exact copies tie."""
+    order = np.arange(len(keys[0]))
+    at = order.copy()  # positions (in the order so far) inside runs of equal keys
+    run = np.zeros(len(order), dtype=np.int64)  # each such position's run, ascending
+    for level, key in enumerate(keys):
+        sub = order[at]
+        values = key[sub]
+        perm = np.argsort(values) if level == 0 else np.lexsort([values, run])
+        order[at] = sub[perm]
+        values = values[perm]
+        same = (values[1:] == values[:-1]) & (run[1:] == run[:-1])
+        if not same.any():
+            break
+        tied = np.zeros(len(at), dtype=bool)
+        tied[1:] = same
+        tied[:-1] |= same
+        starts = np.concatenate([[True], ~same])
+        run = np.cumsum(starts)[tied]
+        at = at[tied]
+    return order
+
+
 class KoreanMinhashSignature(MinhashDedupSignature):
     """datatrove's MinHash step 1 with character n-gram shingles, computed for many documents at a
     time: the same permutations (datatrove's parameters) and the same signature files, sorted as
@@ -168,20 +193,31 @@ class KoreanMinhashSignature(MinhashDedupSignature):
         for d0, d1 in zip(cuts[:-1], cuts[1:]):
             r1 = starts[d1] if d1 < len(counts) else len(shingles)
             phv = self._permute(shingles[starts[d0]:r1].reshape(-1, 1))
-            mins[d0:d1] = np.minimum.reduceat(phv, starts[d0:d1] - starts[d0], axis=0)
+            np.minimum.reduceat(phv, starts[d0:d1] - starts[d0], axis=0, out=mins[d0:d1])
         return mins
+
+    def _buffers(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """Two (rows x hashes) work arrays, reused across blocks: allocating arrays of this size
+        anew for every block costs more than the arithmetic (fresh pages from the OS each time)."""
+        if getattr(self, "_work", None) is None or len(self._work[0]) < rows:
+            shape = (max(rows, self.BLOCK_ROWS), self.num_hashes)
+            self._work = (np.empty(shape, dtype=np.uint64), np.empty(shape, dtype=np.uint64))
+        return self._work[0][:rows], self._work[1][:rows]
 
     def _permute(self, x: np.ndarray) -> np.ndarray:
         """datatrove's ``(x * a + b) % (2**61 - 1)`` (with its 64-bit wraparound), the modulus taken
-        with shifts and masks: the same values, without a division per entry."""
+        with shifts and masks: the same values, without a division per entry. The result is a view
+        of a work buffer, valid until the next call."""
         a, b = self.parameters
+        v, high = self._buffers(len(x))
         with np.errstate(over="ignore"):
-            v = x * a
+            np.multiply(x, a, out=v)
             v += b
-        high = v >> np.uint64(61)
+        np.right_shift(v, np.uint64(61), out=high)
         v &= _MERSENNE
-        v += high
-        np.subtract(v, _MERSENNE, out=v, where=v >= _MERSENNE)
+        v += high  # now below 2 * modulus; subtract it once where it fits (unsigned: v - M wraps above v)
+        np.subtract(v, _MERSENNE, out=high)
+        np.minimum(v, high, out=v)
         if self.config.hash_config.precision == 32:
             v &= np.uint64(self.config.hash_config.max)
         return v
@@ -190,8 +226,7 @@ class KoreanMinhashSignature(MinhashDedupSignature):
         dtype = sig_dtype(self.config)
         with self.output_folder.open(path, mode="rb") as f:
             records = np.frombuffer(f.read(), dtype=dtype)
-        # lexsort on the columns: the order of sort(order=dtype.names), several times faster
-        records = records[np.lexsort([records[name] for name in reversed(dtype.names)])]
+        records = records[sort_order([records[name] for name in dtype.names])]
         with self.output_folder.open(path, mode="wb") as f:
             f.write(records.tobytes())
 
@@ -254,7 +289,7 @@ class MinhashBuckets(MinhashDedupBuckets):
             return np.zeros((0, 4), dtype=np.uint32)
         rec, owner = np.concatenate(parts), np.concatenate(owners)
         hashes = [rec[f"h{i}"] for i in range(hpb)]
-        order = np.lexsort((rec["doc"], owner, *reversed(hashes)))
+        order = sort_order([*hashes, owner, rec["doc"]])
         same = np.ones(len(order) - 1, dtype=bool)
         for h in hashes:
             sorted_h = h[order]
