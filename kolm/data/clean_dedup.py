@@ -19,13 +19,8 @@ from pathlib import Path
 
 import numpy as np
 from datatrove.data import Document
-from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig, ExactDedupFilter, ExactDedupSignature
-from datatrove.pipeline.dedup.minhash import (
-    MinhashConfig,
-    MinhashDedupBuckets,
-    MinhashDedupFilter,
-    MinhashDedupSignature,
-)
+from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig, ExactDedupSignature
+from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupBuckets, MinhashDedupSignature
 from datatrove.utils.hashing import HashConfig
 
 from kolm.data.clean_config import DedupConfig
@@ -231,19 +226,36 @@ class KoreanMinhashSignature(MinhashDedupSignature):
             f.write(records.tobytes())
 
 
-class ExactFilter(ExactDedupFilter):
-    """datatrove's exact-dedup step 3 without its per-document statistics (kolm counts documents
-    itself; datatrove's counters cost more than the filtering)."""
+class ExactDrops:
+    """The line numbers of task ``rank``'s exact copies, from exact dedup's step 2 files: the
+    documents datatrove's step 3 (ExactDedupFilter) drops."""
 
-    def stat_update(self, *labels, value: int = 1, unit: str | None = None) -> None:
-        pass
+    def __init__(self, dups_folder: str):
+        self.folder = Path(dups_folder)
+
+    def __call__(self, rank: int, lines: int) -> np.ndarray:
+        files = sorted(self.folder.glob(f"*/{rank:05d}.c4_dup"))
+        found = np.sort(np.concatenate([np.fromfile(f, dtype="<u4") for f in files] or [np.zeros(0, "<u4")]))
+        if len(np.unique(found)) != len(found) or (len(found) and found[-1] >= lines):
+            raise RuntimeError(f"exact dedup: task {rank}'s duplicate list does not fit its {lines} documents")
+        return found.astype(np.int64)
 
 
-class MinhashFilter(MinhashDedupFilter):
-    """datatrove's MinHash step 4 without its per-document statistics."""
+class MinhashDrops:
+    """The line numbers of task ``rank``'s documents that MinHash clustering removes (step 3's
+    ``.remove`` file), as datatrove's step 4 (MinhashDedupFilter) reads them: in file order, until
+    a number does not exceed the one before."""
 
-    def stat_update(self, *labels, value: int = 1, unit: str | None = None) -> None:
-        pass
+    def __init__(self, remove_folder: str):
+        self.folder = Path(remove_folder)
+
+    def __call__(self, rank: int, lines: int) -> np.ndarray:
+        path = self.folder / f"{rank:06d}.remove"
+        found = np.fromfile(path, dtype="<u4").astype(np.int64) if path.is_file() else np.zeros(0, np.int64)
+        rising = np.flatnonzero(np.diff(found) <= 0)
+        if len(rising):
+            found = found[:rising[0] + 1]
+        return found[found < lines]
 
 
 class MinhashBuckets(MinhashDedupBuckets):

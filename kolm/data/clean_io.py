@@ -18,6 +18,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import orjson
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
@@ -49,12 +50,16 @@ class CountingStep(PipelineStep):
 
     def save(self, rank: int) -> None:
         """Write this task's counts (called once the step has seen every document)."""
-        path = Path(self.counts_dir) / f"{self.name}-{rank:05d}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(orjson.dumps({"counts": dict(self.counts), "examples": self.examples},
-                                     option=orjson.OPT_SORT_KEYS))
-        os.replace(tmp, path)
+        save_counts(self.counts_dir, self.name, rank, self.counts, self.examples)
+
+
+def save_counts(counts_dir: str, step: str, rank: int, counts: Counter, examples: dict[str, list[dict]]) -> None:
+    """Write a step's counts for task ``rank`` to ``counts_dir/STEP-TASK.json``."""
+    path = Path(counts_dir) / f"{step}-{rank:05d}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(orjson.dumps({"counts": dict(counts), "examples": examples}, option=orjson.OPT_SORT_KEYS))
+    os.replace(tmp, path)
 
 
 class CorpusReader(CountingStep):
@@ -143,36 +148,55 @@ class JsonlGzWriter(CountingStep):
         return gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=self.level, mtime=0)
 
 
-class PreparedReader(PipelineStep):
-    """Reads back task ``rank``'s uncompressed file written by JsonlGzWriter (one per task)."""
+class PreparedWriter(PipelineStep):
+    """The write stage: task ``rank``'s prepared file less the documents that ``drop(rank, lines)``
+    names (line numbers), compressed into ``FOLDER/TASK.jsonl.gz``. The prepared lines are already
+    the output records, so they are copied as bytes, in the blocks JsonlGzWriter would hand the
+    compressor: the file is byte for byte the one that parsing and rewriting them gives."""
 
     type = "kolm"
-    name = "read prepared"
+    name = "write prepared"
 
-    def __init__(self, folder: str, text_field: str):
+    def __init__(self, counts_dir: str, prepared: str, folder: str, text_field: str, drop=None,
+                 kept_name: str | None = None):
         super().__init__()
-        self.folder, self.text_field = folder, text_field
+        self.counts_dir, self.prepared, self.folder, self.text_field = counts_dir, prepared, folder, text_field
+        self.drop, self.kept_name = drop, kept_name
 
-    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        path = Path(self.folder) / f"{rank:05d}.jsonl"
-        with open(path, "rb", buffering=1 << 20) as f:
-            for n, line in enumerate(f):
-                record = orjson.loads(line)
-                yield Document(text=record[self.text_field], id=f"{rank}/{n}", metadata={"record": record})
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> None:
+        raw = (Path(self.prepared) / f"{rank:05d}.jsonl").read_bytes()
+        ends = np.flatnonzero(np.frombuffer(raw, dtype=np.uint8) == 0x0A) + 1
+        starts = np.concatenate([[0], ends[:-1]]).astype(ends.dtype)
+        dropped = self.drop(rank, len(ends)) if self.drop else np.zeros(0, dtype=np.int64)
+        kept = np.delete(np.arange(len(ends)), dropped)
+        writer = JsonlGzWriter(self.counts_dir, self.folder, self.text_field)
+        path = Path(self.folder) / f"{rank:05d}.jsonl.gz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".partial")
+        with open(tmp, "wb") as f, writer._compressor(f) as out:
+            for block in _blocks(raw, starts, ends, kept, JsonlGzWriter.BLOCK):
+                out.write(block)
+        os.replace(tmp, path)
+        prepared = json.loads((Path(self.counts_dir) / f"prepared-{rank:05d}.json").read_bytes())["counts"]
+        text_bytes = prepared.get("bytes_written", 0) - sum(
+            len(orjson.loads(raw[starts[i]:ends[i]])[self.text_field].encode("utf-8")) for i in dropped.tolist())
+        if self.kept_name:
+            save_counts(self.counts_dir, self.kept_name, rank, Counter(documents=len(kept)), {})
+        save_counts(self.counts_dir, "write", rank, Counter(documents_written=len(kept), bytes_written=text_bytes), {})
 
 
-class Count(CountingStep):
-    """Counts the documents that pass this point of the pipeline."""
-
-    def __init__(self, counts_dir: str, step_name: str):
-        super().__init__(counts_dir)
-        self.name = step_name
-
-    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        for doc in data:
-            self.counts["documents"] += 1
-            yield doc
-        self.save(rank)
+def _blocks(raw: bytes, starts: np.ndarray, ends: np.ndarray, kept: np.ndarray, size: int):
+    """The kept lines of ``raw`` joined into blocks, each ending with the line that brings it to
+    ``size`` bytes or more (the last one shorter), as JsonlGzWriter hands them to the compressor."""
+    total = np.cumsum(ends[kept] - starts[kept])
+    first, base = 0, 0
+    while first < len(kept):
+        last = min(int(np.searchsorted(total, base + size, side="left")), len(kept) - 1)
+        lines = kept[first:last + 1]
+        gaps = np.flatnonzero(np.diff(lines) > 1)  # runs of consecutive lines are copied as one slice
+        run_starts, run_ends = lines[np.concatenate([[0], gaps + 1])], lines[np.concatenate([gaps, [len(lines) - 1]])]
+        yield b"".join(raw[starts[a]:ends[b]] for a, b in zip(run_starts.tolist(), run_ends.tolist()))
+        first, base = last + 1, int(total[last])
 
 
 def load_counts(counts_dir: Path, step: str, tasks: int) -> tuple[Counter, dict[str, list[dict]]]:

@@ -103,15 +103,6 @@ class Stages:
 
         return [ExactFindDedups(self._path("exact/sigs"), self._path("exact/dups"), exact_config())]
 
-    def _exact_survivors(self) -> list:
-        from kolm.data.clean_dedup import ExactFilter, exact_config
-        from kolm.data.clean_io import PreparedReader
-
-        steps = [PreparedReader(self._path("prepared"), self.cfg.text_field)]
-        if self.dedup == "exact":
-            steps.append(ExactFilter(self._path("exact/dups"), exact_config()))
-        return steps
-
     def minhash_buckets(self) -> list:
         from kolm.data.clean_dedup import MinhashBuckets, minhash_config
 
@@ -127,12 +118,9 @@ class Stages:
                                     config=minhash_config(self.cfg.dedup))]
 
     def write(self) -> list:
-        from kolm.data.clean_dedup import MinhashFilter
-        from kolm.data.clean_io import Count, JsonlGzWriter
+        from kolm.data.clean_dedup import ExactDrops, MinhashDrops
+        from kolm.data.clean_io import PreparedWriter
 
-        steps = self._exact_survivors()
-        if self.dedup == "exact":
-            steps.append(Count(self.counts, "after_exact"))
-        if self.dedup == "near":
-            steps += [MinhashFilter(self._path("minhash/remove")), Count(self.counts, "after_near")]
-        return [*steps, JsonlGzWriter(self.counts, str(self.out), self.cfg.text_field)]
+        drop, kept = {"exact": (ExactDrops(self._path("exact/dups")), "after_exact"),
+                      "near": (MinhashDrops(self._path("minhash/remove")), "after_near")}.get(self.dedup, (None, None))
+        return [PreparedWriter(self.counts, self._path("prepared"), str(self.out), self.cfg.text_field, drop, kept)]
