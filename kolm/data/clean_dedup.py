@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from datatrove.data import Document
+from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig, ExactDedupSignature
 from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupBuckets, MinhashDedupSignature
 from datatrove.utils.hashing import HashConfig
@@ -326,3 +327,24 @@ class ExactSignature(ExactDedupSignature):
 def count_exact_duplicates(dups_folder: Path) -> int:
     """Documents exact dedup marks as copies (datatrove's step 2 writes one uint32 per copy)."""
     return sum(p.stat().st_size // 4 for p in dups_folder.rglob("*.c4_dup")) if dups_folder.is_dir() else 0
+
+
+class TaskSplit(PipelineStep):
+    """Several independent steps as the tasks of one stage: ``parts`` lists (step, tasks), and
+    task ``rank`` runs the step it falls to as that step's own task (so that one pool of workers
+    runs them side by side, instead of one stage after another)."""
+
+    type = "kolm"
+    name = "task split"
+
+    def __init__(self, parts: list[tuple[PipelineStep, int]]):
+        super().__init__()
+        self.parts = parts
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        if world_size != sum(tasks for _, tasks in self.parts):
+            raise ValueError(f"{world_size} tasks for parts of {[tasks for _, tasks in self.parts]} tasks")
+        for step, tasks in self.parts:
+            if rank < tasks:
+                return step.run(data, rank, tasks)
+            rank -= tasks

@@ -33,10 +33,11 @@ class Stages:
     def stages(self) -> list[Stage]:
         tasks = len(self.units)
         stages = [Stage("prepare", tasks, self.prepare)]
-        if self.dedup != "none":
+        if self.dedup == "exact":
             stages.append(Stage("exact duplicates", 1, self.exact_find))
-        if self.dedup == "near":
-            stages += [Stage("minhash buckets", self.cfg.dedup.num_buckets, self.minhash_buckets),
+        if self.dedup == "near":  # the exact copies are found beside the buckets, in the same stage
+            stages += [Stage("exact duplicates and minhash buckets", 1 + self.cfg.dedup.num_buckets,
+                             self.exact_and_buckets),
                        Stage("minhash clusters", 1, self.minhash_clusters)]
         return [*stages, Stage("write", tasks, self.write)]
 
@@ -108,6 +109,11 @@ class Stages:
 
         return [MinhashBuckets(self._path("minhash/sigs"), self._path("minhash/buckets"),
                                config=minhash_config(self.cfg.dedup))]
+
+    def exact_and_buckets(self) -> list:
+        from kolm.data.clean_dedup import TaskSplit
+
+        return [TaskSplit([(self.exact_find()[0], 1), (self.minhash_buckets()[0], self.cfg.dedup.num_buckets)])]
 
     def minhash_clusters(self) -> list:
         from datatrove.pipeline.dedup.minhash import MinhashDedupCluster
