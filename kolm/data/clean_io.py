@@ -76,15 +76,16 @@ class CorpusReader(CountingStep):
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         decoder = Decoder(self.text_field, self.skip_malformed)
         stats: Counter = Counter()
-        n = 0
+        n = size = 0  # counted in locals: a Counter update per document costs more than the reading
         pieces: list[str] = []
         for chunk in iter_chunks(self.units[rank], CHUNK_DOCS, CHUNK_BYTES, PIECE_BYTES, self.documents):
             for record in self._records(chunk, decoder, stats, pieces):
                 text = record[self.text_field]
-                self.counts["documents_read"] += 1
-                self.counts["bytes_read"] += len(text.encode("utf-8"))
+                size += len(text.encode("utf-8"))
                 yield Document(text=text, id=f"{rank}/{n}", metadata={"record": record})
                 n += 1
+        if n:
+            self.counts.update(documents_read=n, bytes_read=size)
         self.counts.update({k: v for k, v in stats.items() if k in ("repaired_utf8", "malformed_skipped")})
         self.save(rank)
 
@@ -125,7 +126,7 @@ class JsonlGzWriter(CountingStep):
         tmp = path.with_name(path.name + ".partial")
         with open(tmp, "wb") as raw, self._compressor(raw) as out:
             block: list[bytes] = []
-            size = 0
+            size = docs = text_bytes = 0
             for doc in data:
                 record = doc.metadata["record"]
                 record[self.text_field] = doc.text
@@ -135,10 +136,12 @@ class JsonlGzWriter(CountingStep):
                 if size >= self.BLOCK:
                     out.write(b"".join(block))
                     block, size = [], 0
-                self.counts["documents_written"] += 1
-                self.counts["bytes_written"] += len(doc.text.encode("utf-8"))
+                docs += 1
+                text_bytes += len(doc.text.encode("utf-8"))
                 yield doc
             out.write(b"".join(block))
+        if docs:
+            self.counts.update(documents_written=docs, bytes_written=text_bytes)
         os.replace(tmp, path)
         self.save(rank)
 

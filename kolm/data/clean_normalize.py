@@ -12,7 +12,10 @@ from kolm.data.clean_io import CountingStep
 
 # C0/C1 controls except tab and newline, zero-width characters and the BOM; tab becomes a space.
 _CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200d\u2060\ufeff]")
-_SPACES = re.compile("[ \t\u00a0\u2000-\u200a\u202f\u205f\u3000]+")
+_SPACE = "[ \t\u00a0\u2000-\u200a\u202f\u205f\u3000]"
+# Runs of spaces other than a single " " (which would be replaced by itself): the lookahead skips
+# the ordinary gaps between words without a replacement each.
+_SPACES = re.compile(f"(?=[\t\u00a0\u2000-\u200a\u202f\u205f\u3000]| {_SPACE}){_SPACE}+")
 _BLANK_RUN = re.compile("\n{3,}")
 
 
