@@ -44,6 +44,10 @@ FORMAT = 1
 WORK = ".work"
 REPORT = "report.json"
 REMOVED = "removed"
+# Workers fork from a server that has already imported the pipeline's modules (once per command,
+# instead of once per stage and worker).
+WORKER_PRELOAD = ["kolm.data.clean_exec", "kolm.data.clean_io", "kolm.data.clean_normalize",
+                  "kolm.data.clean_filters", "kolm.data.clean_pii", "kolm.data.clean_dedup"]
 
 
 def make_plan(inputs: list[str], cfg: CleanConfig) -> tuple[dict, list]:
@@ -114,7 +118,6 @@ def run_clean(inputs: list[str], out: str | os.PathLike, cfg: CleanConfig = Clea
     As array task ``task_index`` of ``num_tasks`` (a Slurm array job, whose tasks must all run at
     the same time) it does its share of every stage; task 0 writes the report, the others return None.
     """
-    from kolm.data.clean_report import finish
     from kolm.data.clean_stages import Stages
 
     if not 0 <= task_index < num_tasks:
@@ -127,13 +130,28 @@ def run_clean(inputs: list[str], out: str | os.PathLike, cfg: CleanConfig = Clea
     if done:
         say(f"{out}: already complete; nothing to do")
         return read_json(out / REPORT)
+    workers = workers or os.cpu_count() or 1
+    if workers > 1:
+        start_workers_early()
     stages = Stages(out, out / WORK, cfg, units)
-    if not stages.run_all(workers or os.cpu_count() or 1, progress, num_tasks, task_index):
+    if not stages.run_all(workers, progress, num_tasks, task_index):
         say(f"task {task_index}/{num_tasks} done; array task 0 writes the report")
         return None
+    from kolm.data.clean_report import finish
+
     report = finish(out, out / WORK, plan, stages.step_names())
     shutil.rmtree(out / WORK, ignore_errors=True)
     return report
+
+
+def start_workers_early() -> None:
+    """Start the server that forks the workers now: it imports the pipeline's modules (datatrove's,
+    about a second) while this process imports them too, instead of after it."""
+    import multiprocess
+    from multiprocess import forkserver
+
+    multiprocess.get_context("forkserver").set_forkserver_preload(WORKER_PRELOAD)
+    forkserver.ensure_running()
 
 
 def wait_for_plan(out: Path, plan: dict, timeout: float = 600.0) -> bool:
