@@ -12,6 +12,7 @@ own permutation step.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -27,6 +28,7 @@ from datatrove.utils.hashing import HashConfig
 from kolm.data.clean_config import DedupConfig
 
 _SPACE = re.compile(r"\s+")
+_JOIN = "\ue000"
 _MERSENNE = np.uint64((1 << 61) - 1)  # datatrove's modulus for the permutations
 _MULT = np.uint64(0x100000001B3)
 
@@ -80,11 +82,37 @@ def char_shingles(text: str, n: int) -> np.ndarray:
     return _ngram_hashes(codes, min(n, len(codes))).reshape(-1, 1)
 
 
+@functools.cache
+def _space_table() -> np.ndarray:
+    """Which code points ``_SPACE`` matches (built by the regex itself)."""
+    every = "".join(map(chr, range(0x110000)))
+    table = np.zeros(0x110000, dtype=bool)
+    for m in _SPACE.finditer(every):
+        table[m.start():m.end()] = True
+    return table
+
+
+def _squeezed_codes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The code points of ``_squeeze`` of every text, concatenated, and each text's length: the
+    texts joined by a private-use character (which, like the ends of a text, no case rule looks
+    across), lowercased and stripped of whitespace in one go."""
+    joined = _JOIN.join(texts)
+    if joined.count(_JOIN) != max(len(texts) - 1, 0):  # a text holds the joiner itself: one by one
+        squeezed = [_squeeze(t) for t in texts]
+        return _codes("".join(squeezed)), np.array([len(t) for t in squeezed], dtype=np.int64)
+    codes = np.frombuffer(joined.lower().encode("utf-32-le"), dtype=np.uint32)
+    joints = np.flatnonzero(codes == ord(_JOIN))
+    kept = ~_space_table()[codes]
+    kept[joints] = False
+    total = np.concatenate([[0], np.cumsum(kept, dtype=np.int64)])
+    starts, ends = np.concatenate([[0], joints + 1]), np.concatenate([joints, [len(codes)]])
+    lengths = total[ends] - total[starts] if texts else np.zeros(0, dtype=np.int64)
+    return codes[kept].astype(np.uint64), lengths
+
+
 def batch_shingles(texts: list[str], n: int) -> tuple[np.ndarray, np.ndarray]:
     """``char_shingles`` of many texts at once: all shingles in order, and the count per text."""
-    squeezed = [_squeeze(t) for t in texts]
-    lengths = np.array([len(t) for t in squeezed], dtype=np.int64)
-    codes = _codes("".join(squeezed))
+    codes, lengths = _squeezed_codes(texts)
     if len(codes) < n or (lengths < n).any():  # rare: texts shorter than n, one by one
         parts = [char_shingles(t, n).ravel() for t in texts]
         return (np.concatenate(parts) if parts else np.zeros(0, np.uint64)), np.array([len(p) for p in parts])
@@ -211,9 +239,10 @@ class KoreanMinhashSignature(MinhashDedupSignature):
             v += b
         np.right_shift(v, np.uint64(61), out=high)
         v &= _MERSENNE
-        v += high  # now below 2 * modulus; subtract it once where it fits (unsigned: v - M wraps above v)
-        np.subtract(v, _MERSENNE, out=high)
-        np.minimum(v, high, out=v)
+        v += high  # now at most modulus + 7: subtract it where it fits (almost never: a read to check)
+        if v.max() >= _MERSENNE:
+            np.subtract(v, _MERSENNE, out=high)  # unsigned: v - M wraps above v where v < M
+            np.minimum(v, high, out=v)
         if self.config.hash_config.precision == 32:
             v &= np.uint64(self.config.hash_config.max)
         return v
