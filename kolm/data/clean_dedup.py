@@ -12,7 +12,6 @@ own permutation step.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import re
@@ -26,8 +25,10 @@ from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupBuckets,
 from datatrove.utils.hashing import HashConfig
 
 from kolm.data.clean_config import DedupConfig
+from kolm.data.clean_normalize import CharClass
 
 _SPACE = re.compile(r"\s+")
+_SPACES = CharClass(r"\s+")
 _JOIN = "\ue000"
 _MERSENNE = np.uint64((1 << 61) - 1)  # datatrove's modulus for the permutations
 _MULT = np.uint64(0x100000001B3)
@@ -82,16 +83,6 @@ def char_shingles(text: str, n: int) -> np.ndarray:
     return _ngram_hashes(codes, min(n, len(codes))).reshape(-1, 1)
 
 
-@functools.cache
-def _space_table() -> np.ndarray:
-    """Which code points ``_SPACE`` matches (built by the regex itself)."""
-    every = "".join(map(chr, range(0x110000)))
-    table = np.zeros(0x110000, dtype=bool)
-    for m in _SPACE.finditer(every):
-        table[m.start():m.end()] = True
-    return table
-
-
 def _squeezed_codes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """The code points of ``_squeeze`` of every text, concatenated, and each text's length: the
     texts joined by a private-use character (which, like the ends of a text, no case rule looks
@@ -102,7 +93,7 @@ def _squeezed_codes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         return _codes("".join(squeezed)), np.array([len(t) for t in squeezed], dtype=np.int64)
     codes = np.frombuffer(joined.lower().encode("utf-32-le"), dtype=np.uint32)
     joints = np.flatnonzero(codes == ord(_JOIN))
-    kept = ~_space_table()[codes]
+    kept = ~_SPACES(codes)
     kept[joints] = False
     total = np.concatenate([[0], np.cumsum(kept, dtype=np.int64)])
     starts, ends = np.concatenate([[0], joints + 1]), np.concatenate([joints, [len(codes)]])

@@ -12,7 +12,6 @@ memory speed where a morphological analyser (Kiwi) handles about 20 thousand cha
 
 from __future__ import annotations
 
-import functools
 import re
 from collections import Counter
 
@@ -21,11 +20,12 @@ from datatrove.data import Document, DocumentsPipeline
 
 from kolm.data.clean_config import FilterConfig
 from kolm.data.clean_io import CountingStep
+from kolm.data.clean_normalize import CharClass
 
 FILTER_NAMES = ("runs", "boilerplate", "length", "hangul", "repetition", "spam")
 
-_HANGUL = re.compile("[\uac00-\ud7a3\u1100-\u11ff\u3131-\u318e]")
-_LETTER = re.compile(r"[^\W\d_]")
+_HANGUL = CharClass("[\uac00-\ud7a3\u1100-\u11ff\u3131-\u318e]+")  # syllables and jamo
+_LETTERS = CharClass(r"[^\W\d_]+")  # letters of any script (no digits, spaces, punctuation or "_")
 _SEPARATORS = re.compile(r"\s*[|·/>›»]\s*")
 _HAS_SEPARATOR = re.compile("[|·/>›»]")
 
@@ -38,15 +38,6 @@ def count(pattern: re.Pattern, text: str) -> int:
 def hangul_share(text: str) -> float:
     """Hangul among letters (digits, spaces and punctuation do not count); 0 for no letters."""
     return hangul_shares([text])[0]
-
-
-@functools.cache
-def _letter_table() -> np.ndarray:
-    """Which code points ``_LETTER`` matches, for every code point (built by the regex itself)."""
-    every = "".join(map(chr, range(0x110000)))
-    marked = np.frombuffer(_LETTER.sub("\x01", every).encode("utf-32-le", "surrogatepass"), dtype=np.uint32) == 1
-    marked[1] = False  # U+0001 itself, unchanged and no letter
-    return marked
 
 
 def _codes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -65,9 +56,8 @@ def _per_text(mask: np.ndarray, bounds: np.ndarray) -> list[int]:
 def hangul_shares(texts: list[str]) -> list[float]:
     """``hangul_share`` of many texts, the characters classified in numpy over all of them at once."""
     codes, bounds = _codes(texts)
-    letters = _per_text(_letter_table()[codes], bounds)
-    hangul = _per_text(((codes >= 0xAC00) & (codes <= 0xD7A3)) | ((codes >= 0x1100) & (codes <= 0x11FF))
-                       | ((codes >= 0x3131) & (codes <= 0x318E)), bounds)
+    letters = _per_text(_LETTERS(codes), bounds)
+    hangul = _per_text(_HANGUL(codes), bounds)
     return [h / n if n else 0.0 for h, n in zip(hangul, letters)]
 
 
