@@ -154,14 +154,16 @@ def test_batched_signatures_are_datatrove_step_one_byte_for_byte(tmp_path):
     texts = ["".join(chr(0xAC00 + rng.randrange(300)) for _ in range(rng.randint(1, 300))) for _ in range(300)]
     texts += ["", " ", "가나"]
     cfg = minhash_config(DedupConfig())
-    batched = KoreanMinhashSignature(str(tmp_path / "batched"), cfg)
-    batched.BATCH_SHINGLES, batched.BLOCK_ROWS = 2000, 50  # several batches, several blocks each
-    batched.run(Document(text=t, id=str(i)) for i, t in enumerate(texts))
+    for folder, held in (("batched", 1 << 27), ("spilled", 3000)):  # sorted in memory, or from the files
+        batched = KoreanMinhashSignature(str(tmp_path / folder), cfg)
+        batched.BATCH_SHINGLES, batched.BLOCK_ROWS, batched.HELD_BYTES = 2000, 50, held  # several batches, blocks
+        batched.run(Document(text=t, id=str(i)) for i, t in enumerate(texts))
     PerDocument(str(tmp_path / "datatrove"), config=cfg, language="ko").run(
         Document(text=t, id=str(i)) for i, t in enumerate(texts))
     for bucket in range(cfg.num_buckets):
         name = f"bucket_{bucket:03d}/00000.minhash.sig"
         assert (tmp_path / "batched" / name).read_bytes() == (tmp_path / "datatrove" / name).read_bytes()
+        assert (tmp_path / "spilled" / name).read_bytes() == (tmp_path / "datatrove" / name).read_bytes()
 
 
 @pytest.mark.unit

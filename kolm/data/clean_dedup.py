@@ -157,6 +157,7 @@ class KoreanMinhashSignature(MinhashDedupSignature):
     name = "MinHash signatures (character n-grams)"
     BATCH_SHINGLES = 1 << 16  # characters of text shingled at a time
     BLOCK_ROWS = 256  # shingles permuted at a time: each (rows x hashes) array (~230 KB) stays in a core's cache
+    HELD_BYTES = 1 << 27  # signature records a task holds in memory to sort them before writing (~140k documents)
 
     def __init__(self, output_folder: str, config: MinhashConfig):
         super().__init__(output_folder, config=config, language="ko")
@@ -165,38 +166,57 @@ class KoreanMinhashSignature(MinhashDedupSignature):
         return char_shingles(text, self.config.n_grams)
 
     def run(self, data, rank: int = 0, world_size: int = 1):
-        files = [self.output_folder.open(f"bucket_{b:03d}/{rank:05d}.minhash.sig", mode="wb")
-                 for b in range(self.config.num_buckets)]
-        texts, ids, chars = [], [], 0
+        names = [f"bucket_{b:03d}/{rank:05d}.minhash.sig" for b in range(self.config.num_buckets)]
+        files = [self.output_folder.open(name, mode="wb") for name in names]
+        held: list[list[np.ndarray]] = [[] for _ in names]  # each bucket's records not yet on disk
+        spilled = False
+        texts, ids, chars, size = [], [], 0, 0
         for doc_idx, doc in enumerate(data):
             texts.append(doc.text)
             ids.append(doc_idx)
             chars += len(doc.text)
             if chars >= self.BATCH_SHINGLES:
-                self._write_batch(texts, ids, files)
+                size += self._add_batch(texts, ids, held)
                 texts, ids, chars = [], [], 0
+                if size > self.HELD_BYTES:  # a big task: to disk now, sorted from the files at the end
+                    self._write(held, files, sort=False)
+                    spilled, size = True, 0
         if texts:
-            self._write_batch(texts, ids, files)
+            self._add_batch(texts, ids, held)
+        self._write(held, files, sort=not spilled)
         for f in files:
             f.close()
-        for b in range(self.config.num_buckets):
-            self._sort_bucket(f"bucket_{b:03d}/{rank:05d}.minhash.sig")
+        if spilled:
+            for name in names:
+                self._sort_bucket(name)
 
-    def _write_batch(self, texts: list[str], ids: list[int], files: list) -> None:
+    def _add_batch(self, texts: list[str], ids: list[int], held: list[list[np.ndarray]]) -> int:
+        """Each bucket's signature records of a batch of documents, added to ``held``; returns their bytes."""
         shingles, counts = batch_shingles(texts, self.config.n_grams)
         keep = counts > 0  # a document without text has no signature (as in datatrove)
         if not keep.any():
-            return
+            return 0
         counts = counts[keep]
         mins = self._minima(shingles, counts)
         doc_ids = np.asarray(ids, dtype=np.uint32)[keep]
         hpb, dtype = self.config.hashes_per_bucket, sig_dtype(self.config)
-        for bucket, f in enumerate(files):
+        for bucket, kept in enumerate(held):
             records = np.empty(len(doc_ids), dtype=dtype)
             for i in range(hpb):
                 records[f"h{i}"] = mins[:, bucket * hpb + i]
             records["doc"] = doc_ids
+            kept.append(records)
+        return len(doc_ids) * dtype.itemsize * len(held)
+
+    def _write(self, held: list[list[np.ndarray]], files: list, sort: bool) -> None:
+        """Append the held records to the bucket files (sorted, where they are all of the task's)."""
+        dtype = sig_dtype(self.config)
+        for kept, f in zip(held, files):
+            records = np.concatenate(kept) if kept else np.zeros(0, dtype=dtype)
+            if sort:
+                records = records[sort_order([records[name] for name in dtype.names])]
             f.write(records.tobytes())
+            kept.clear()
 
     def _minima(self, shingles: np.ndarray, counts: np.ndarray) -> np.ndarray:
         """Each document's minimum over its shingles of every permutation (a document's shingles
