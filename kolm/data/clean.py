@@ -47,10 +47,6 @@ FORMAT = 1
 WORK = ".work"
 REPORT = "report.json"
 REMOVED = "removed"
-# Workers fork from a server that has already imported the pipeline's modules (once per command,
-# instead of once per stage and worker).
-WORKER_PRELOAD = ["kolm.data.clean_exec", "kolm.data.clean_io", "kolm.data.clean_normalize",
-                  "kolm.data.clean_filters", "kolm.data.clean_pii", "kolm.data.clean_dedup"]
 
 
 def make_plan(inputs: list[str], cfg: CleanConfig) -> tuple[dict, list]:
@@ -135,7 +131,9 @@ def run_clean(inputs: list[str], out: str | os.PathLike, cfg: CleanConfig = Clea
         return read_json(out / REPORT)
     workers = workers or os.cpu_count() or 1
     if workers > 1:
-        start_workers_early()
+        from kolm.data.clean_workers import start_forkserver
+
+        start_forkserver()
     stages = Stages(out, out / WORK, cfg, units)
     if not stages.run_all(workers, progress, num_tasks, task_index):
         say(f"task {task_index}/{num_tasks} done; array task 0 writes the report")
@@ -145,16 +143,6 @@ def run_clean(inputs: list[str], out: str | os.PathLike, cfg: CleanConfig = Clea
     report = finish(out, out / WORK, plan, stages.step_names())
     shutil.rmtree(out / WORK, ignore_errors=True)
     return report
-
-
-def start_workers_early() -> None:
-    """Start the server that forks the workers now: it imports the pipeline's modules (datatrove's,
-    about a second) while this process imports them too, instead of after it."""
-    import multiprocess
-    from multiprocess import forkserver
-
-    multiprocess.get_context("forkserver").set_forkserver_preload(WORKER_PRELOAD)
-    forkserver.ensure_running()
 
 
 def wait_for_plan(out: Path, plan: dict, timeout: float = 600.0) -> bool:

@@ -23,7 +23,7 @@ import multiprocess
 from datatrove.executor.local import LocalPipelineExecutor
 from loguru import logger
 
-from kolm.data.clean import WORKER_PRELOAD
+from kolm.data.clean_workers import PRELOAD
 from kolm.log import say
 
 _FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <8} | {name}:{function}:{line} - {message}"
@@ -79,7 +79,6 @@ def _distribution_available(name: str) -> bool | None:
 # command's start; looking the one name up gives the same answer.
 _imports._is_distribution_available = _distribution_available
 
-PRELOAD = WORKER_PRELOAD
 
 
 class KolmExecutor(LocalPipelineExecutor):
