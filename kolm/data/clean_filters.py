@@ -174,6 +174,7 @@ class QualityFilter(CountingStep):
     """Applies the FilterConfig checks in order; the first that fails drops the document."""
 
     name = "filters"
+    BATCH = 1024  # documents checked together (the character counts run in numpy over a batch)
 
     def __init__(self, counts_dir: str, cfg: FilterConfig):
         super().__init__(counts_dir, cfg.examples_per_filter)
@@ -183,8 +184,6 @@ class QualityFilter(CountingStep):
         phrases = sorted(set(cfg.spam_phrases), key=len, reverse=True)
         self.spam = re.compile("|".join(map(re.escape, phrases))) if phrases else None
         self.words = KiwiWords() if cfg.words == "kiwi" else str.split
-
-    BATCH = 1024  # documents checked together (the character counts run in numpy over a batch)
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         batch: list[Document] = []

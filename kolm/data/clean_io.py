@@ -26,6 +26,7 @@ from datatrove.pipeline.base import PipelineStep
 from kolm.data.corpus import FIRST, MIDDLE, WHOLE, Chunk, Decoder, Unit, iter_chunks
 
 CHUNK_DOCS, CHUNK_BYTES, PIECE_BYTES = 4096, 1 << 20, 1 << 20
+OUTPUT_LEVEL = 6  # gzip level of the output files
 
 
 class CountingStep(PipelineStep):
@@ -116,7 +117,8 @@ class JsonlGzWriter(CountingStep):
     name = "write"
     BLOCK = 1 << 20  # bytes handed to the compressor at a time
 
-    def __init__(self, counts_dir: str, folder: str, text_field: str, level: int = 6, step_name: str = "write"):
+    def __init__(self, counts_dir: str, folder: str, text_field: str, level: int = OUTPUT_LEVEL,
+                 step_name: str = "write"):
         super().__init__(counts_dir)
         self.folder, self.text_field, self.level, self.name = folder, text_field, level, step_name
 
@@ -124,7 +126,7 @@ class JsonlGzWriter(CountingStep):
         path = Path(self.folder) / (f"{rank:05d}.jsonl.gz" if self.level else f"{rank:05d}.jsonl")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".partial")
-        with open(tmp, "wb") as raw, self._compressor(raw) as out:
+        with open(tmp, "wb") as raw, compressor(raw, self.level) as out:
             block: list[bytes] = []
             size = docs = text_bytes = 0
             for doc in data:
@@ -145,10 +147,13 @@ class JsonlGzWriter(CountingStep):
         os.replace(tmp, path)
         self.save(rank)
 
-    def _compressor(self, raw):
-        if not self.level:
-            return contextlib.nullcontext(raw)
-        return gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=self.level, mtime=0)
+
+def compressor(raw, level: int):
+    """A writer into the open file ``raw``: gzip at ``level`` with no time or name in the header (the
+    same bytes on every run), or ``raw`` itself for level 0."""
+    if not level:
+        return contextlib.nullcontext(raw)
+    return gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=level, mtime=0)
 
 
 class PreparedWriter(PipelineStep):
@@ -172,11 +177,10 @@ class PreparedWriter(PipelineStep):
         starts = np.concatenate([[0], ends[:-1]]).astype(ends.dtype)
         dropped = self.drop(rank, len(ends)) if self.drop else np.zeros(0, dtype=np.int64)
         kept = np.delete(np.arange(len(ends)), dropped)
-        writer = JsonlGzWriter(self.counts_dir, self.folder, self.text_field)
         path = Path(self.folder) / f"{rank:05d}.jsonl.gz"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".partial")
-        with open(tmp, "wb") as f, writer._compressor(f) as out:
+        with open(tmp, "wb") as f, compressor(f, OUTPUT_LEVEL) as out:
             for block in _blocks(raw, starts, ends, kept, JsonlGzWriter.BLOCK):
                 out.write(block)
         os.replace(tmp, path)
