@@ -16,7 +16,7 @@ import torch
 
 from kolm.files import atomic_write_json
 from kolm.log import say
-from kolm.model.documents import document_inputs
+from kolm.model.documents import attention_inputs
 from kolm.train import checkpoint, evaluation
 from kolm.train.config import RunConfig
 from kolm.train.engine import build_engine, join_process_group
@@ -201,10 +201,8 @@ class Trainer:
     def inputs(self, x: torch.Tensor) -> dict:
         """The forward pass's attention inputs: none for causal attention; document masks and
         restarted positions for ``attention: document``."""
-        if self.cfg.attention != "document":
-            return {}
-        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float32
-        return document_inputs(x, self.setup.eos_id, self.cfg.attn_implementation, dtype)
+        dtype = torch.float32 if self.cfg.precision == "fp32" else torch.bfloat16
+        return attention_inputs(x, self.cfg.attention, self.setup.eos_id, self.cfg.attn_implementation, dtype)
 
     def record(self, loss: torch.Tensor) -> None:
         """Keep this step's figures (on the device) for the next flush."""
