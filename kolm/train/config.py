@@ -60,7 +60,7 @@ class RunConfig:
     train_steps: int = 0  # 0: derived from epochs and the dataset size
     seed: int = 1234
     # --- DeepSpeed
-    zero_stage: int = 2
+    zero_stage: int = 2  # 0: plain data parallel (no ZeRO partitioning: one GPU), 1, 2 or 3
     deepspeed_config: str = ""  # a DeepSpeed JSON; "" = ds_configs/zero{stage}.json
     precision: str = "bf16"  # bf16 | fp32
     activation_checkpointing: bool = False
@@ -97,8 +97,8 @@ class RunConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise KolmError(f"`{name}` must be at least 1, got {getattr(self, name)}")
-        if self.zero_stage not in (1, 2, 3):
-            raise KolmError(f"`zero_stage` must be 1, 2 or 3, got {self.zero_stage}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise KolmError(f"`zero_stage` must be 0 (plain data parallel), 1, 2 or 3, got {self.zero_stage}")
         if self.precision not in ("bf16", "fp32"):
             raise KolmError(f"`precision` must be bf16 or fp32, got {self.precision!r}")
         if self.attention not in ATTENTION_MODES:

@@ -285,6 +285,8 @@ class Trainer:
                   "data_fingerprint": setup.train.fingerprint, "run_config": cfg.to_dict(),
                   "total_steps": setup.total_steps, "init_from": self.init_record,
                   "base_vocab_size": setup.base_vocab_size}
+        if cfg.zero_stage == 0:  # the order of the fp32 master copies in the optimizer's state
+            marker["param_group_names"] = self.engine.kolm_param_group_names
         with self.hang.saving(self.ckpt_dir / checkpoint.tag_for(state.step)):
             try:
                 checkpoint.save(self.engine, self.ckpt_dir, state.step, client, setup.env.rank, dist.barrier, marker)
