@@ -33,7 +33,7 @@ def test_recipe_and_overrides(tmp_path):
         (["micro_bach=4"], "did you mean `micro_batch`"),
         (["seq_len=long"], "`seq_len` in the command line must be int, got 'long'"),
         (["zero_stage=4"], "`zero_stage` must be 0 .*, 1, 2 or 3, got 4"),
-        (["precision=fp16"], "`precision` must be bf16 or fp32"),
+        (["precision=fp16"], "`precision` must be bf16, fp32 or fp8"),
         (["global_batch=10", "micro_batch=4"], "global_batch 10 is not a multiple of micro_batch 4"),
         (["min_lr=1.0", "lr=0.1"], "`min_lr` 1.0 must be in"),
         (["seq_len"], "is not key=value"),

@@ -38,9 +38,10 @@ def _share_cpu_threads(env: distenv.DistEnv) -> None:
 
 def build_engine(model_config, ds_config: dict, seed: int, weight_decay: float, activation_checkpointing: bool,
                  compile: bool = False, init_state: dict[str, torch.Tensor] | None = None,
-                 trainable: Trainable = Trainable(None)):
+                 trainable: Trainable = Trainable(None), fp8: bool = False):
     """PhiForCausalLM inside a DeepSpeed engine: fresh (the same weights for a seed on every rank), or
-    with ``init_state``'s weights (Hugging Face names, fp32); frozen as ``trainable`` says."""
+    with ``init_state``'s weights (Hugging Face names, fp32); frozen as ``trainable`` says; with ``fp8``
+    the decoder blocks' linear layers in float8 (kolm.model.fp8; the same parameter names)."""
     import deepspeed
 
     model = _model(model_config, seed, init_state)
@@ -49,6 +50,10 @@ def build_engine(model_config, ds_config: dict, seed: int, weight_decay: float, 
     # References to the full-precision values: DeepSpeed casts the module to bf16 and builds its fp32
     # master weights from that rounded copy, so they are put back from these afterwards.
     masters = {n: p.data for n, p in model.named_parameters() if p.requires_grad} if init_state and bf16 else {}
+    if fp8:
+        from kolm.model.fp8 import convert_blocks
+
+        convert_blocks(model)
     if activation_checkpointing:
         model.gradient_checkpointing_enable()
     if compile:

@@ -120,7 +120,7 @@ class Trainer:
             atomic_write_json(self.run_dir / "ds_config.json", ds_config)
         return build_engine(self.setup.model_config, ds_config, self.cfg.seed, self.cfg.weight_decay,
                             self.cfg.activation_checkpointing, self.cfg.compile, self._init_state(resume),
-                            self.setup.trainable)
+                            self.setup.trainable, fp8=self.cfg.precision == "fp8")
 
     def _init_state(self, resume: checkpoint.Checkpoint | None) -> dict | None:
         """The weights the model is built with: init_from's for a fresh run (rank 0 records their
@@ -151,13 +151,16 @@ class Trainer:
 
     def _step_window(self) -> StepWindow:
         cfg, setup = self.cfg, self.setup
-        peak, source = device_peak_flops(self.device, torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
+        # fp8 runs are measured against the bf16 peak: their MFU is bf16-equivalent (kolm.model.fp8)
+        peak, source = device_peak_flops(self.device, torch.float32 if cfg.precision == "fp32" else torch.bfloat16)
         ramp = (f" (ramped up from {setup.schedule.start}, {setup.accumulation(setup.schedule.start)} accumulation, "
                 f"over {setup.schedule.samples:,} samples)" if setup.schedule.ramped else "")
         say(f"{setup.model_name}: {setup.n_params / 1e6:.1f}M parameters, {setup.env.world_size} ranks x micro "
             f"batch {cfg.micro_batch} x {setup.grad_accum} accumulation = global batch {cfg.global_batch}{ramp}; "
-            f"{setup.total_steps} steps; peak {peak / 1e9:.1f} GFLOP/s per device ({source})")
-        return StepWindow(cfg.seq_len, setup.env.world_size, setup.flops_per_token, peak)
+            f"{setup.total_steps} steps; peak {peak / 1e9:.1f} GFLOP/s per device ({source})"
+            + ("; fp8: MFU is bf16-equivalent (model FLOPs over the bf16 peak)" if cfg.precision == "fp8" else ""))
+        return StepWindow(cfg.seq_len, setup.env.world_size, setup.flops_per_token, peak,
+                          "bf16-equivalent" if cfg.precision == "fp8" else "")
 
     @property
     def done(self) -> bool:
