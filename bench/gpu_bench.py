@@ -61,6 +61,7 @@ class Point:
     zero_stage: int = 2
     precision: str = ""
     tokens_per_cpu_s: float | None = None  # tokens per second of this process's CPU time (the CPU ratios)
+    final_loss: float | None = None  # after every step on the same fixed batch (fp8 against bf16)
 
 
 @dataclass
@@ -152,10 +153,11 @@ def _engine(group: Group, micro_batch: int, dtype: str, vocab: int, torch_adam: 
     return build_engine(config, ds_config, 0, cfg.weight_decay, False, group.compile, fp8=cfg.precision == "fp8")
 
 
-def _timed_steps(engine, micro_batch: int, seq_len: int, vocab: int, warmup: int, steps: int) -> tuple[float, float]:
+def _timed_steps(engine, micro_batch: int, seq_len: int, vocab: int, warmup: int,
+                 steps: int) -> tuple[float, float, float]:
     """Seconds per optimizer step, wall clock and this process's CPU time, the medians of ``steps``
-    after ``warmup``. On a CPU shared with other work the CPU time is the steadier measure: with
-    one thread it counts the step's own work, not the waits for a core."""
+    after ``warmup``, and the last step's loss. On a CPU shared with other work the CPU time is the
+    steadier measure: with one thread it counts the step's own work, not the waits for a core."""
     import statistics
 
     step = train_step(engine, micro_batch, seq_len, vocab)
@@ -163,12 +165,12 @@ def _timed_steps(engine, micro_batch: int, seq_len: int, vocab: int, warmup: int
     for i in range(warmup + steps):
         _sync()
         start, start_cpu = time.perf_counter(), time.process_time()
-        step(engine)
+        loss = step(engine)
         _sync()
         if i >= warmup:
             seconds.append(time.perf_counter() - start)
             cpu.append(time.process_time() - start_cpu)
-    return statistics.median(seconds), statistics.median(cpu)
+    return statistics.median(seconds), statistics.median(cpu), float(loss)
 
 
 def train_step(engine, micro_batch: int, seq_len: int, vocab: int):
@@ -176,12 +178,15 @@ def train_step(engine, micro_batch: int, seq_len: int, vocab: int):
     for the profile)."""
     import torch
 
-    x = torch.randint(0, vocab, (micro_batch, seq_len + 1), device=engine.device)
+    generator = torch.Generator(engine.device).manual_seed(0)  # the same batch for every point
+    x = torch.randint(0, vocab, (micro_batch, seq_len + 1), device=engine.device, generator=generator)
 
-    def step(engine) -> None:
-        engine.backward(engine(input_ids=x[:, :-1], targets=x[:, 1:]) / (micro_batch * seq_len))
+    def step(engine) -> torch.Tensor:
+        loss = engine(input_ids=x[:, :-1], targets=x[:, 1:]) / (micro_batch * seq_len)
+        engine.backward(loss)
         with torch.profiler.record_function("kolm::optimizer"):
             engine.step()
+        return loss.detach()
 
     return step
 
@@ -208,7 +213,8 @@ def measure_point(group: Group, micro_batch: int, plan: Plan, vocab: int, peak: 
     engine = None
     try:
         engine = _engine(group, micro_batch, plan.dtype, vocab, plan.torch_adam)
-        step, cpu = _timed_steps(engine, micro_batch, group.seq_len, vocab, plan.warmup, plan.steps)
+        step, cpu, point.final_loss = _timed_steps(engine, micro_batch, group.seq_len, vocab, plan.warmup,
+                                                   plan.steps)
         point.tokens_per_s = micro_batch * group.seq_len / step
         point.tokens_per_cpu_s = micro_batch * group.seq_len / cpu if cpu > 0 else None
         point.mfu = point.tokens_per_s * flops_per_token(get_shape(group.model), vocab, group.seq_len) / peak
@@ -443,7 +449,24 @@ def _summary(points: list[Point], seed: dict | None, skipped: list[str]) -> list
         lines.append(f"- seed recipe: {seed.get('error', 'not measured')}")
     if skipped:
         lines.append(f"- not measured within the budget: {', '.join(skipped)}")
-    return lines + stage_ratios(points)
+    return lines + stage_ratios(points) + fp8_parity(points)
+
+
+def fp8_parity(points: list[Point]) -> list[str]:
+    """Each fp8 point against the bf16 point of the same setting: the loss after the same steps on the
+    same batch, and tokens/s."""
+    lines = []
+    for p in points:
+        twin = next((q for q in points if q.precision == "bf16" and q.final_loss is not None and
+                     (q.model, q.seq_len, q.attn, q.compile, q.micro_batch, q.zero_stage) ==
+                     (p.model, p.seq_len, p.attn, p.compile, p.micro_batch, p.zero_stage)), None)
+        if p.precision != "fp8" or p.final_loss is None or twin is None:
+            continue
+        lines.append(f"- fp8 against bf16 ({p.model} seq {p.seq_len} micro batch {p.micro_batch}, ZeRO-{p.zero_stage}"
+                     f"{', compiled' if p.compile else ''}): loss after the same steps on the same batch "
+                     f"{p.final_loss:.4f} against {twin.final_loss:.4f} ({p.final_loss / twin.final_loss - 1:+.2%}); "
+                     f"tokens/s {p.tokens_per_s / twin.tokens_per_s:.3f}x")
+    return lines
 
 
 def stage_ratios(points: list[Point]) -> list[str]:

@@ -44,3 +44,19 @@ def test_the_sdpa_backend_is_named_from_its_operator(step_profile):
     assert step_profile.sdpa_backends(["aten::_scaled_dot_product_efficient_attention"]) == ["efficient"]
     assert step_profile.sdpa_backends(["aten::_scaled_dot_product_attention_math"]) == ["math"]
     assert step_profile.sdpa_backends(["aten::_scaled_dot_product_flash_attention"]) == ["flash"]
+
+
+def test_the_summary_sets_fp8_against_bf16_and_stages_against_zero2(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gpu_bench
+
+    def point(stage, precision, tps, loss, cpu=None):
+        return gpu_bench.Point("phi-1.5", 2048, "sdpa", True, 8, tps, 0.4, 40.0, "", stage, precision, cpu, loss)
+
+    points = [point(2, "bf16", 44000.0, 7.50, 100.0), point(0, "bf16", 46200.0, 7.51, 105.0),
+              point(2, "fp8", 60000.0, 7.53), point(1, "fp8", 0, None)]
+    lines = gpu_bench.fp8_parity(points)
+    assert lines == ["- fp8 against bf16 (phi-1.5 seq 2048 micro batch 8, ZeRO-2, compiled): loss after the same "
+                     "steps on the same batch 7.5300 against 7.5000 (+0.40%); tokens/s 1.364x"]
+    ratios = gpu_bench.stage_ratios(points)
+    assert len(ratios) == 1 and "ZeRO-0 1.050" in ratios[0]  # by CPU time on a CPU, by tokens/s on a GPU: 1.05 both
