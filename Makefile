@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_SPEC)
-	$(BIN)/pip install -q -c constraints.txt -e '.[demo,test,bench,wandb,eval,clean]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[demo,test,bench,wandb,eval,clean,fp8]'
 	touch $@
 
 demo: $(STAMP)

@@ -52,6 +52,27 @@ def test_gpu_bench_refuses_a_malformed_group(tmp_path, groups, message):
     assert not (tmp_path / "out").exists()  # refused before any corpus or tokenizer work
 
 
+def test_gpu_bench_frontier_plan_profiles_and_runs_every_row_on_cpu(tmp_path):
+    out = tmp_path / "frontier.md"
+    proc = _gpu_bench(tmp_path, "--plan", "frontier", "--out", str(out), "--budget", "500")
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    report = out.read_text()
+    assert report.strip() in proc.stdout
+    assert "CUDA none" in report and "deepspeed 0.19.8" in report  # the versions every table carries
+    rows = [[c.strip() for c in line.split("|")[1:12]] for line in report.splitlines() if line.startswith("| phi-tiny")]
+    # (compiled, ZeRO stage, precision) of every A/B row, in the plan's order
+    assert [(r[3], r[8], r[9]) for r in rows] == [("yes", "2", "fp32"), ("yes", "0", "fp32"), ("yes", "2", "fp8"),
+                                                  ("yes", "1", "fp32"), ("no", "2", "fp32"), ("no", "0", "fp32")]
+    assert all(r[5] != "-" for r in rows if r[9] != "fp8")
+    fp8 = next(r for r in rows if r[9] == "fp8")
+    assert fp8[5] == "-" and "no CUDA device" in fp8[10]  # refused on CPU, with the reason
+    shares = {line.split("|")[1].strip(): float(line.split("|")[2].strip().rstrip("%"))
+              for line in report.splitlines() if line.startswith("| ") and line.rstrip().endswith("% |")}
+    assert {"matmul", "attention", "optimizer", "ZeRO gradient copies and buckets", "host gaps and idle"} <= set(shares)
+    assert sum(shares.values()) == pytest.approx(100, abs=1.0) and shares["matmul"] > 0
+    assert "SDPA backend: flash" in report  # PyTorch's CPU flash kernel: causal sdpa passes no mask
+
+
 def test_budget_bench_trains_both_recipes_for_the_budget_and_scores_unseen_lines(tmp_path, korean_corpus):
     env = {**os.environ, "KOLM_BENCH_OUT": str(tmp_path / "out")}
     proc = subprocess.run([sys.executable, "bench/budget_bench.py", "--no-record", "--corpus", str(korean_corpus),

@@ -32,8 +32,8 @@ def test_recipe_and_overrides(tmp_path):
         (["learning_rate=1e-3"], "unknown config key `learning_rate`"),
         (["micro_bach=4"], "did you mean `micro_batch`"),
         (["seq_len=long"], "`seq_len` in the command line must be int, got 'long'"),
-        (["zero_stage=4"], "`zero_stage` must be 1, 2 or 3"),
-        (["precision=fp16"], "`precision` must be bf16 or fp32"),
+        (["zero_stage=4"], "`zero_stage` must be 0 .*, 1, 2 or 3, got 4"),
+        (["precision=fp16"], "`precision` must be bf16, fp32 or fp8"),
         (["global_batch=10", "micro_batch=4"], "global_batch 10 is not a multiple of micro_batch 4"),
         (["min_lr=1.0", "lr=0.1"], "`min_lr` 1.0 must be in"),
         (["seq_len"], "is not key=value"),
@@ -179,3 +179,9 @@ def test_demo_batch_layout_fits_any_process_count(nproc, tmp_path):
     cfg = RunConfig(**recipe)
     cfg.validate()
     assert cfg.global_batch >= 16 and cfg.global_batch % (cfg.micro_batch * nproc) == 0
+
+
+def test_zero_stage_0_builds_the_plain_data_parallel_config():
+    cfg = load_config(None, [*BASE, "zero_stage=0"])
+    ds = dsconfig.build(cfg, dp_world=1, grad_accum=cfg.global_batch // cfg.micro_batch, on_cpu=True)
+    assert ds["zero_optimization"] == {"stage": 0} and ds["gradient_clipping"] == cfg.grad_clip

@@ -388,7 +388,8 @@ def _add_plan(sub) -> None:
     p.add_argument("--measure", action="store_true",
                    help="check the estimate against a real DeepSpeed engine on this machine (small presets)")
     p.add_argument("--micro-batch", type=int, default=m.micro_batch, help="with --measure")
-    p.add_argument("--zero-stage", type=int, default=m.zero_stage, choices=(1, 2, 3), help="with --measure")
+    p.add_argument("--zero-stage", type=int, default=m.zero_stage, choices=(0, 1, 2, 3),
+                   help="with --measure (0: plain data parallel)")
     p.add_argument("--activation-checkpointing", action="store_true", help="with --measure")
     p.set_defaults(func=_plan)
 

@@ -45,7 +45,8 @@ def summarize(train: list[dict], evals: list[dict], harness: list[dict] = ()) ->
         tps = statistics.median(r["tokens_per_s"] for r in speed)
         mfu = statistics.median(r["mfu"] for r in speed)
         per_device = statistics.median(r["tokens_per_s_per_device"] for r in speed)
-        lines.append(f"throughput: {tps:,.0f} tokens/s ({per_device:,.0f} per device), MFU {mfu:.1%} (medians)")
+        basis = f" {speed[-1]['mfu_basis']}" if speed[-1].get("mfu_basis") else ""
+        lines.append(f"throughput: {tps:,.0f} tokens/s ({per_device:,.0f} per device), MFU{basis} {mfu:.1%} (medians)")
     skipped = last.get("skipped_steps", 0)
     if skipped:
         lines.append(f"skipped steps (non-finite loss or gradient): {skipped}")

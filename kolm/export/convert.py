@@ -1,6 +1,7 @@
 """`kolm convert`: a DeepSpeed ZeRO checkpoint to a Hugging Face model directory, verified.
 
-Consolidation is DeepSpeed's own (`deepspeed.utils.zero_to_fp32`, lazily memory-mapped). The
+Consolidation is DeepSpeed's own (`deepspeed.utils.zero_to_fp32`, lazily memory-mapped; a stage-0
+checkpoint is read from rank 0's file, kolm.train.checkpoint). The
 output is written into a temporary directory beside the target and renamed at the end, so an
 interrupted conversion leaves nothing behind. Peak memory is about twice the fp32 model: the
 consolidated fp32 weights, plus the exported model loaded back for verification.

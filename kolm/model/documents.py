@@ -36,6 +36,16 @@ def block_causal_mask(documents: torch.Tensor, dtype: torch.dtype) -> torch.Tens
                                                                                        torch.finfo(dtype).min)
 
 
+def attention_inputs(input_ids: torch.Tensor, attention: str, eos_id: int, attn_implementation: str,
+                     dtype: torch.dtype) -> dict:
+    """The forward pass's attention keyword arguments for a recipe's ``attention`` mode. Plain causal
+    attention gets none: with no mask, sdpa calls PyTorch's kernel with ``is_causal=True``, the path to
+    its flash and cuDNN kernels (an explicit mask would send it to the slower memory-efficient one)."""
+    if attention != "document":
+        return {}
+    return document_inputs(input_ids, eos_id, attn_implementation, dtype)
+
+
 def document_inputs(input_ids: torch.Tensor, eos_id: int, attn_implementation: str, dtype: torch.dtype) -> dict:
     """The keyword arguments that make a Phi forward pass document-aware for this kernel."""
     documents, positions = document_positions(input_ids, eos_id)

@@ -222,11 +222,38 @@ def consolidated_state_dict(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     -2 or -3), frozen parameters included."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, to_torch_tensor
 
+    if ckpt.marker.get("zero_stage") == 0:
+        return merge_split_rows(_plain_state_dict(ckpt))
     lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.path.parent), tag=ckpt.tag, lazy_mode=True)
     state = {k: v.float() for k, v in to_torch_tensor(lazy).items()}
     if ckpt.marker.get("run_config", {}).get("trainable", "all") != "all":
         state = {**_frozen_parameters(ckpt, state), **state}
     return merge_split_rows(state)
+
+
+def _plain_state_dict(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """A stage-0 checkpoint (plain data parallel): rank 0's file holds the whole model; in bf16 the
+    module is rounded and the fp32 master copies are the optimizer's (DeepSpeed's bf16 optimizer for
+    stage 0: one flat tensor per group, or one tensor per parameter), in the groups' order."""
+    saved = torch.load(ckpt.path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    buffers = set(saved.get("buffer_names") or ())
+    state = {k: v.float() for k, v in saved["module"].items() if k not in buffers}
+    optimizer = saved.get("optimizer") or {}
+    masters = optimizer.get("fp32_groups_flat", optimizer.get("fp32_groups"))
+    if masters is None:  # fp32: the module is the master copy
+        return state
+    names = ckpt.marker.get("param_group_names")
+    if names is None or len(names) != len(masters):
+        raise KolmError(f"{ckpt.path}: a bf16 stage-0 checkpoint without the order of its master weights in "
+                        f"{MARKER}; it was not written by kolm train")
+    for group, master in zip(names, masters):
+        flat = master if isinstance(master, torch.Tensor) else torch.cat([t.flatten() for t in master])
+        offset = 0
+        for name in group:
+            n = state[name].numel()
+            state[name] = flat[offset:offset + n].view(state[name].shape).float().clone()
+            offset += n
+    return state
 
 
 def _frozen_parameters(ckpt: Checkpoint, found: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

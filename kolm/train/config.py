@@ -60,9 +60,9 @@ class RunConfig:
     train_steps: int = 0  # 0: derived from epochs and the dataset size
     seed: int = 1234
     # --- DeepSpeed
-    zero_stage: int = 2
+    zero_stage: int = 2  # 0: plain data parallel (no ZeRO partitioning: one GPU), 1, 2 or 3
     deepspeed_config: str = ""  # a DeepSpeed JSON; "" = ds_configs/zero{stage}.json
-    precision: str = "bf16"  # bf16 | fp32
+    precision: str = "bf16"  # bf16 | fp32 | fp8 (decoder blocks' linear layers in float8, Hopper GPUs, kolm.model.fp8)
     activation_checkpointing: bool = False
     # --- kernels (same math, any may change between restarts)
     attn_implementation: str = "sdpa"  # sdpa | flash_attention_2 (CUDA, flash-attn package) | eager
@@ -97,10 +97,13 @@ class RunConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise KolmError(f"`{name}` must be at least 1, got {getattr(self, name)}")
-        if self.zero_stage not in (1, 2, 3):
-            raise KolmError(f"`zero_stage` must be 1, 2 or 3, got {self.zero_stage}")
-        if self.precision not in ("bf16", "fp32"):
-            raise KolmError(f"`precision` must be bf16 or fp32, got {self.precision!r}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise KolmError(f"`zero_stage` must be 0 (plain data parallel), 1, 2 or 3, got {self.zero_stage}")
+        if self.precision not in ("bf16", "fp32", "fp8"):
+            raise KolmError(f"`precision` must be bf16, fp32 or fp8, got {self.precision!r}")
+        if self.precision == "fp8" and self.zero_stage == 3:
+            raise KolmError("precision=fp8 works with zero_stage 0, 1 or 2 (ZeRO-3's parameter gathering is untested "
+                            "with float8 layers); lower zero_stage or use precision=bf16")
         if self.attention not in ATTENTION_MODES:
             raise KolmError(f"`attention` must be one of {', '.join(ATTENTION_MODES)}, got {self.attention!r}")
         if self.wandb_mode not in WANDB_MODES:

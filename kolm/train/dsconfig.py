@@ -41,7 +41,7 @@ def run_fields(cfg: RunConfig, dp_world: int, grad_accum: int, on_cpu: bool) -> 
         "train_micro_batch_size_per_gpu": cfg.micro_batch,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": cfg.grad_clip,
-        "bf16": {"enabled": cfg.precision == "bf16"},
+        "bf16": {"enabled": cfg.precision in ("bf16", "fp8")},  # fp8: bf16 outside the float8 matrix products
         "zero_optimization": {"stage": cfg.zero_stage},
         "optimizer": {
             "type": "AdamW",

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from kolm.train import distenv, freeze
+from kolm.train import distenv, freeze, plain_dp
 from kolm.train.freeze import Trainable
 
 
@@ -38,9 +38,10 @@ def _share_cpu_threads(env: distenv.DistEnv) -> None:
 
 def build_engine(model_config, ds_config: dict, seed: int, weight_decay: float, activation_checkpointing: bool,
                  compile: bool = False, init_state: dict[str, torch.Tensor] | None = None,
-                 trainable: Trainable = Trainable(None)):
+                 trainable: Trainable = Trainable(None), fp8: bool = False):
     """PhiForCausalLM inside a DeepSpeed engine: fresh (the same weights for a seed on every rank), or
-    with ``init_state``'s weights (Hugging Face names, fp32); frozen as ``trainable`` says."""
+    with ``init_state``'s weights (Hugging Face names, fp32); frozen as ``trainable`` says; with ``fp8``
+    the decoder blocks' linear layers in float8 (kolm.model.fp8; the same parameter names)."""
     import deepspeed
 
     model = _model(model_config, seed, init_state)
@@ -49,12 +50,19 @@ def build_engine(model_config, ds_config: dict, seed: int, weight_decay: float, 
     # References to the full-precision values: DeepSpeed casts the module to bf16 and builds its fp32
     # master weights from that rounded copy, so they are put back from these afterwards.
     masters = {n: p.data for n, p in model.named_parameters() if p.requires_grad} if init_state and bf16 else {}
+    if fp8:
+        from kolm.model.fp8 import convert_blocks
+
+        convert_blocks(model)
     if activation_checkpointing:
         model.gradient_checkpointing_enable()
     if compile:
         compile_blocks(model)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay),
                                       config=ds_config)
+    if plain_dp.needs_guard(engine):
+        plain_dp.guard(engine)
+    engine.kolm_param_group_names = [g for g in param_group_names(model) if g]
     if masters:
         _set_master_weights(engine, masters)
     return engine
@@ -82,12 +90,20 @@ def _set_master_weights(engine, masters: dict[str, torch.Tensor]) -> None:
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only: biases and LayerNorm weights are exempt, as in HF Trainer.
     Frozen parameters are in no group: no decay, no optimizer state."""
+    params = dict(model.named_parameters())
+    decays = (weight_decay, 0.0)
+    return [{"params": [params[n] for n in names], "weight_decay": decays[i]}
+            for i, names in enumerate(param_group_names(model)) if names]
+
+
+def param_group_names(model: torch.nn.Module) -> list[list[str]]:
+    """The names in the optimizer's groups (decayed, then not), empty groups included; a stage-0
+    checkpoint's fp32 master copies are in this order (kolm.train.checkpoint reads them by it)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or "layernorm" in name.lower() else decay).append(p)
-    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
-            if g["params"]]
+            (no_decay if p.ndim < 2 or "layernorm" in name.lower() else decay).append(name)
+    return [decay, no_decay]
 
 
 def compile_blocks(model: torch.nn.Module) -> None:

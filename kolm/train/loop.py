@@ -16,7 +16,7 @@ import torch
 
 from kolm.files import atomic_write_json
 from kolm.log import say
-from kolm.model.documents import document_inputs
+from kolm.model.documents import attention_inputs
 from kolm.train import checkpoint, evaluation
 from kolm.train.config import RunConfig
 from kolm.train.engine import build_engine, join_process_group
@@ -121,7 +121,7 @@ class Trainer:
             atomic_write_json(self.run_dir / "ds_config.json", ds_config)
         return build_engine(self.setup.model_config, ds_config, self.cfg.seed, self.cfg.weight_decay,
                             self.cfg.activation_checkpointing, self.cfg.compile, self._init_state(resume),
-                            self.setup.trainable)
+                            self.setup.trainable, fp8=self.cfg.precision == "fp8")
 
     def _init_state(self, resume: checkpoint.Checkpoint | None) -> dict | None:
         """The weights the model is built with: init_from's for a fresh run (rank 0 records their
@@ -152,13 +152,16 @@ class Trainer:
 
     def _step_window(self) -> StepWindow:
         cfg, setup = self.cfg, self.setup
-        peak, source = device_peak_flops(self.device, torch.bfloat16 if cfg.precision == "bf16" else torch.float32)
+        # fp8 runs are measured against the bf16 peak: their MFU is bf16-equivalent (kolm.model.fp8)
+        peak, source = device_peak_flops(self.device, torch.float32 if cfg.precision == "fp32" else torch.bfloat16)
         ramp = (f" (ramped up from {setup.schedule.start}, {setup.accumulation(setup.schedule.start)} accumulation, "
                 f"over {setup.schedule.samples:,} samples)" if setup.schedule.ramped else "")
         say(f"{setup.model_name}: {setup.n_params / 1e6:.1f}M parameters, {setup.env.world_size} ranks x micro "
             f"batch {cfg.micro_batch} x {setup.grad_accum} accumulation = global batch {cfg.global_batch}{ramp}; "
-            f"{setup.total_steps} steps; peak {peak / 1e9:.1f} GFLOP/s per device ({source})")
-        return StepWindow(cfg.seq_len, setup.env.world_size, setup.flops_per_token, peak)
+            f"{setup.total_steps} steps; peak {peak / 1e9:.1f} GFLOP/s per device ({source})"
+            + ("; fp8: MFU is bf16-equivalent (model FLOPs over the bf16 peak)" if cfg.precision == "fp8" else ""))
+        return StepWindow(cfg.seq_len, setup.env.world_size, setup.flops_per_token, peak,
+                          "bf16-equivalent" if cfg.precision == "fp8" else "")
 
     @property
     def done(self) -> bool:
@@ -202,10 +205,8 @@ class Trainer:
     def inputs(self, x: torch.Tensor) -> dict:
         """The forward pass's attention inputs: none for causal attention; document masks and
         restarted positions for ``attention: document``."""
-        if self.cfg.attention != "document":
-            return {}
-        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float32
-        return document_inputs(x, self.setup.eos_id, self.cfg.attn_implementation, dtype)
+        dtype = torch.float32 if self.cfg.precision == "fp32" else torch.bfloat16
+        return attention_inputs(x, self.cfg.attention, self.setup.eos_id, self.cfg.attn_implementation, dtype)
 
     def record(self, loss: torch.Tensor) -> None:
         """Keep this step's figures (on the device) for the next flush."""
@@ -288,6 +289,8 @@ class Trainer:
                   "data_fingerprint": setup.train.fingerprint, "run_config": cfg.to_dict(),
                   "total_steps": setup.total_steps, "init_from": self.init_record,
                   "base_vocab_size": setup.base_vocab_size}
+        if cfg.zero_stage == 0:  # the order of the fp32 master copies in the optimizer's state
+            marker["param_group_names"] = self.engine.kolm_param_group_names
         with self.hang.saving(self.ckpt_dir / checkpoint.tag_for(state.step)):
             try:
                 checkpoint.save(self.engine, self.ckpt_dir, state.step, client, setup.env.rank, dist.barrier, marker)

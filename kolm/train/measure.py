@@ -12,7 +12,7 @@ from kolm.model.presets import build_config, get_shape
 from kolm.train import distenv, dsconfig
 from kolm.train.config import RunConfig
 from kolm.train.engine import build_engine, join_process_group
-from kolm.train.plan import LAYOUTS, MeasureRequest, activation_bytes, largest_layer_params, model_state_bytes
+from kolm.train.plan import LAYOUTS, PLAIN, MeasureRequest, activation_bytes, largest_layer_params, model_state_bytes
 
 
 def _live_tensor_bytes() -> int:
@@ -63,7 +63,8 @@ def measure(req: MeasureRequest) -> dict:
 def format_measurement(req: MeasureRequest) -> str:
     shape = get_shape(req.model)
     got = measure(req)
-    layout = next(layout for layout in LAYOUTS if layout.zero_stage == req.zero_stage and not layout.offload_optimizer)
+    layout = next(layout for layout in (PLAIN, *LAYOUTS)
+                  if layout.zero_stage == req.zero_stage and not layout.offload_optimizer)
     want_states, _ = model_state_bytes(got["params"], largest_layer_params(shape, req.vocab), layout, 1, 1)
     want_act = activation_bytes(shape, req.vocab, req.seq_len, req.micro_batch, req.activation_checkpointing)
     return "\n".join([

@@ -71,8 +71,10 @@ class StepWindow:
     """Per-step figures kept on the device until a flush: then one all-reduce of the window's
     losses, one transfer, and one throughput measurement over the window."""
 
-    def __init__(self, seq_len: int, world_size: int, flops_per_token: float, peak_flops: float):
+    def __init__(self, seq_len: int, world_size: int, flops_per_token: float, peak_flops: float,
+                 mfu_basis: str = ""):
         self.seq_len, self.world_size = seq_len, world_size
+        self.mfu_basis = mfu_basis  # "bf16-equivalent" in fp8 runs: model FLOPs over the bf16 peak
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.pending: list[_Pending] = []
         self.restart_clock()
@@ -107,8 +109,9 @@ class StepWindow:
     def throughput(self) -> dict:
         tps = self.timed_samples * self.seq_len / max(time.perf_counter() - self.started, 1e-9)
         per_device = tps / self.world_size
+        basis = {"mfu_basis": self.mfu_basis} if self.mfu_basis else {}
         return {"tokens_per_s": tps, "tokens_per_s_per_device": per_device,
-                "mfu": per_device * self.flops_per_token / self.peak_flops}
+                "mfu": per_device * self.flops_per_token / self.peak_flops, **basis}
 
 
 def _mean_over_ranks(values: torch.Tensor, world_size: int) -> list[float]:

@@ -47,6 +47,10 @@ LAYOUTS = (
     Layout("zero3_offload", 3, offload_optimizer=True),
     Layout("zero3_offload_params", 3, offload_optimizer=True, offload_params=True),
 )
+# Plain data parallel (`zero_stage: 0`): every GPU holds the whole model state. Not in the table nor
+# among the recommendations: whether it beats ZeRO-2 on one GPU awaits a GPU measurement
+# (bench/gpu_bench.py --zero-stages 0,1,2); `kolm plan --measure --zero-stage 0` checks its estimate.
+PLAIN = Layout("zero0", 0)
 # Fastest first: less communication, no offload traffic, no recompute.
 PREFERENCE = [("zero2", False), ("zero1", False), ("zero3", False), ("zero2", True), ("zero1", True),
               ("zero3", True), ("zero3_offload", True), ("zero3_offload_params", True)]
@@ -63,6 +67,10 @@ def model_state_bytes(params: int, largest: int, layout: Layout, gpus_per_node: 
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     gpus = gpus_per_node * nodes
+    if layout.zero_stage == 0:
+        # bf16 parameters and gradients, fp32 master weights and Adam moments, and the fp32 copy of the
+        # gradients DeepSpeed's bf16 optimizer makes for the step: 20 bytes per parameter on every GPU.
+        return 20 * params, int(params * 4 * gpus_per_node * 1.5)
     if layout.zero_stage == 1:
         # CPU: as DeepSpeed's ZeRO-2 estimate, every process first builds the fp32 model in host memory.
         return 2 * params + 2 * params + int(16 * params / gpus), int(params * 4 * gpus_per_node * 1.5)

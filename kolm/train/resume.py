@@ -75,8 +75,10 @@ def check_same_data(ckpt: checkpoint.Checkpoint, saved_fp: dict, setup: RunSetup
 
 
 def needs_universal(ckpt: checkpoint.Checkpoint, setup: RunSetup) -> bool:
-    """ZeRO state written by another number of ranks loads only through the universal format."""
-    return ckpt.marker.get("world_size") != setup.env.world_size
+    """ZeRO state written by another number of ranks loads only through the universal format. Stage 0
+    (plain data parallel) keeps the whole optimizer state in rank 0's file, which any number of ranks
+    loads as it is."""
+    return ckpt.marker.get("zero_stage") != 0 and ckpt.marker.get("world_size") != setup.env.world_size
 
 
 def prepare_universal(ckpt: checkpoint.Checkpoint, setup: RunSetup, ds_config: dict) -> dict:

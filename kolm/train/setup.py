@@ -210,6 +210,13 @@ def check_kernels(cfg: RunConfig) -> None:
         if importlib.util.find_spec("flash_attn") is None:
             raise KolmError("attn_implementation=flash_attention_2 needs the flash-attn package "
                             "(`pip install flash-attn --no-build-isolation`); or use sdpa (the default)")
+    if cfg.precision == "fp8":
+        from kolm.model.fp8 import fp8_unavailable
+
+        why = fp8_unavailable()
+        if why:
+            raise KolmError(f"precision=fp8 cannot run here: {why}. It needs a CUDA GPU of compute capability 9.0 "
+                            "or newer (Hopper: H100, H200) and torchao; use precision=bf16")
     if cfg.compile and not cuda and cfg.precision == "bf16":
         raise KolmError("compile=true on a CPU works in fp32 only: torch's inductor fails to build bf16 kernels for "
                         "these blocks on CPU. Use precision=fp32, or compile=false")
