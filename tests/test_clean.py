@@ -154,14 +154,16 @@ def test_batched_signatures_are_datatrove_step_one_byte_for_byte(tmp_path):
     texts = ["".join(chr(0xAC00 + rng.randrange(300)) for _ in range(rng.randint(1, 300))) for _ in range(300)]
     texts += ["", " ", "가나"]
     cfg = minhash_config(DedupConfig())
-    batched = KoreanMinhashSignature(str(tmp_path / "batched"), cfg)
-    batched.BATCH_SHINGLES, batched.BLOCK_ROWS = 2000, 50  # several batches, several blocks each
-    batched.run(Document(text=t, id=str(i)) for i, t in enumerate(texts))
+    for folder, held in (("batched", 1 << 27), ("spilled", 3000)):  # sorted in memory, or from the files
+        batched = KoreanMinhashSignature(str(tmp_path / folder), cfg)
+        batched.BATCH_SHINGLES, batched.BLOCK_ROWS, batched.HELD_BYTES = 2000, 50, held  # several batches, blocks
+        batched.run(Document(text=t, id=str(i)) for i, t in enumerate(texts))
     PerDocument(str(tmp_path / "datatrove"), config=cfg, language="ko").run(
         Document(text=t, id=str(i)) for i, t in enumerate(texts))
     for bucket in range(cfg.num_buckets):
         name = f"bucket_{bucket:03d}/00000.minhash.sig"
         assert (tmp_path / "batched" / name).read_bytes() == (tmp_path / "datatrove" / name).read_bytes()
+        assert (tmp_path / "spilled" / name).read_bytes() == (tmp_path / "datatrove" / name).read_bytes()
 
 
 @pytest.mark.unit
@@ -195,6 +197,97 @@ def test_vectorized_buckets_write_datatrove_step_two_pairs_byte_for_byte(tmp_pat
         assert (tmp_path / "fast" / name).read_bytes() == want
         pairs += len(want) // 16
     assert pairs > 20  # the copies were found
+
+
+@pytest.mark.unit
+def test_batched_filters_decide_as_one_document_at_a_time():
+    import random
+
+    from datatrove.data import Document
+
+    from kolm.data.clean_filters import QualityFilter
+
+    rng = random.Random(5)
+    texts = [clean_corpus.document(rng, rng.randint(1, 3)) for _ in range(60)] + clean_corpus.junk(rng)
+    texts += ["ㅋ" * rng.randint(1, 9) + clean_corpus.sentence(rng, rng.randint(0, 4)) for _ in range(40)]
+    texts += ["abc def", "Ünïcödé ΣΑΣ 𝔘𝔫𝔦 ½ ², 가나다라마바사", "", "로그인\n회원가입\n" + clean_corpus.sentence(rng)]
+    texts = [normalize_text(t) for t in texts]
+    rng.shuffle(texts)
+    f = QualityFilter("/nonexistent", FilterConfig())
+    one = [Document(text=t, id=str(i)) for i, t in enumerate(texts)]
+    many = [Document(text=t, id=str(i)) for i, t in enumerate(texts)]
+    assert f.check_batch(many) == [f.check(d) for d in one]
+    assert [d.text for d in many] == [d.text for d in one]
+    assert {"runs", "length", "hangul", "repetition", "boilerplate", "spam", None} <= set(f.check_batch(
+        [Document(text=t, id="") for t in texts]))
+
+
+@pytest.mark.unit
+def test_batched_shingles_are_each_texts_own():
+    import random
+
+    import numpy as np
+
+    from kolm.data.clean_dedup import batch_shingles, char_shingles
+
+    rng = random.Random(7)
+    alphabet = ["가", "각", "a", "A", "Σ", "İ", "ß", " ", "\n", "\t", "\u3000", "\u00a0", "\u2028", "\ue000", "1"]
+    for _ in range(300):
+        texts = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(12))) for _ in range(rng.randrange(8))]
+        if rng.random() < 0.8:  # mostly without the private-use joiner (the fast path)
+            texts = [t.replace("\ue000", "") for t in texts]
+        shingles, counts = batch_shingles(texts, 3)
+        parts = [char_shingles(t, 3).ravel() for t in texts]
+        assert list(counts) == [len(p) for p in parts]
+        assert shingles.tolist() == (np.concatenate(parts).tolist() if parts else [])
+
+
+@pytest.mark.unit
+def test_sort_order_is_lexsort_for_unique_keys():
+    import numpy as np
+
+    from kolm.data.clean_dedup import sort_order
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(1, 80))
+        keys = [rng.integers(0, int(rng.integers(1, 4)), n).astype(np.uint64) for _ in range(3)]
+        keys.append(rng.permutation(n).astype(np.uint32))  # the document index makes rows unique
+        assert (sort_order(keys) == np.lexsort(keys[::-1])).all()
+
+
+@pytest.mark.unit
+def test_the_write_stage_gives_the_file_that_rewriting_each_record_gives(tmp_path):
+    import random
+
+    import numpy as np
+    from datatrove.data import Document
+
+    from kolm.data.clean_io import JsonlGzWriter, PreparedWriter
+
+    rng = random.Random(9)
+    records = [{"id": i, "text": clean_corpus.sentence(rng, rng.randint(1, 30)), "meta": {"n": [i, 0.5, None]}}
+               for i in range(300)]
+
+    def docs(keep=lambda i: True):
+        return (Document(text=r["text"], id=str(i), metadata={"record": dict(r)}) for i, r in enumerate(records)
+                if keep(i))
+
+    JsonlGzWriter.BLOCK = 500  # many compressor blocks
+    try:
+        list(JsonlGzWriter(str(tmp_path / "counts"), str(tmp_path / "prepared"), "text", level=0,
+                           step_name="prepared").run(docs(), rank=3))
+        dropped = sorted(rng.sample(range(300), 40))
+        PreparedWriter(str(tmp_path / "counts"), str(tmp_path / "prepared"), str(tmp_path / "fast"), "text",
+                       lambda rank, lines: np.array(dropped), "after").run(rank=3)
+        list(JsonlGzWriter(str(tmp_path / "counts2"), str(tmp_path / "slow"), "text").run(
+            docs(lambda i: i not in dropped), rank=3))
+    finally:
+        JsonlGzWriter.BLOCK = 1 << 20
+    assert (tmp_path / "fast/00003.jsonl.gz").read_bytes() == (tmp_path / "slow/00003.jsonl.gz").read_bytes()
+    fast = json.loads((tmp_path / "counts/write-00003.json").read_text())["counts"]
+    assert fast == json.loads((tmp_path / "counts2/write-00003.json").read_text())["counts"]
+    assert json.loads((tmp_path / "counts/after-00003.json").read_text())["counts"] == {"documents": 260}
 
 
 # --------------------------------------------------------------------------- cli: the whole command

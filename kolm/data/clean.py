@@ -4,15 +4,18 @@ Stages (each a datatrove pipeline run as tasks; a task is one work unit of the i
 
     prepare   read → normalize → filters → PII → work/prepared/TASK.jsonl (+ exact-dedup hashes;
               with --dedup near also the MinHash signatures, datatrove's MinHash step 1)
-    exact     find exact duplicates over all tasks (one task)
-    minhash   buckets → clusters (datatrove's MinHash steps 2-3)
-    write     prepared → drop duplicates → OUT/TASK.jsonl.gz
+    exact     find exact duplicates over all tasks (one task); with --dedup near it is one more
+              task of the MinHash buckets stage (datatrove's MinHash step 2, one task per bucket)
+    clusters  MinHash clusters (step 3; --dedup near only)
+    write     prepared lines, less the duplicates' → OUT/TASK.jsonl.gz
 
-With --dedup exact, the write stage drops the exact duplicates. With --dedup near, exact copies
-have identical MinHash signatures, so they fall into the near-duplicate clusters too, and the
-write stage drops all but one document of each cluster (MinHash step 4): one pass over the data
-finds both, and no document is kept by one step and dropped by the other. Exact copies are still
-found by hash, and the report counts them apart from the near duplicates.
+The prepared file holds each document's output record, uncompressed, so the write stage copies
+its lines as bytes (no parsing) and skips the line numbers dedup removed. With --dedup exact
+those are the exact duplicates. With --dedup near, exact copies have identical MinHash
+signatures, so they fall into the near-duplicate clusters too, and the write stage drops all but
+one document of each cluster (MinHash step 4): one pass over the data finds both, and no document
+is kept by one step and dropped by the other. Exact copies are still found by hash, and the
+report counts them apart from the near duplicates.
 
 Output directory::
 
@@ -114,7 +117,6 @@ def run_clean(inputs: list[str], out: str | os.PathLike, cfg: CleanConfig = Clea
     As array task ``task_index`` of ``num_tasks`` (a Slurm array job, whose tasks must all run at
     the same time) it does its share of every stage; task 0 writes the report, the others return None.
     """
-    from kolm.data.clean_report import finish
     from kolm.data.clean_stages import Stages
 
     if not 0 <= task_index < num_tasks:
@@ -127,10 +129,17 @@ def run_clean(inputs: list[str], out: str | os.PathLike, cfg: CleanConfig = Clea
     if done:
         say(f"{out}: already complete; nothing to do")
         return read_json(out / REPORT)
+    workers = workers or os.cpu_count() or 1
+    if workers > 1:
+        from kolm.data.clean_workers import start_forkserver
+
+        start_forkserver()
     stages = Stages(out, out / WORK, cfg, units)
-    if not stages.run_all(workers or os.cpu_count() or 1, progress, num_tasks, task_index):
+    if not stages.run_all(workers, progress, num_tasks, task_index):
         say(f"task {task_index}/{num_tasks} done; array task 0 writes the report")
         return None
+    from kolm.data.clean_report import finish
+
     report = finish(out, out / WORK, plan, stages.step_names())
     shutil.rmtree(out / WORK, ignore_errors=True)
     return report

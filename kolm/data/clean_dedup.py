@@ -19,18 +19,17 @@ from pathlib import Path
 
 import numpy as np
 from datatrove.data import Document
-from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig, ExactDedupFilter, ExactDedupSignature
-from datatrove.pipeline.dedup.minhash import (
-    MinhashConfig,
-    MinhashDedupBuckets,
-    MinhashDedupFilter,
-    MinhashDedupSignature,
-)
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig, ExactDedupSignature
+from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupBuckets, MinhashDedupSignature
 from datatrove.utils.hashing import HashConfig
 
 from kolm.data.clean_config import DedupConfig
+from kolm.data.clean_normalize import CharClass
 
 _SPACE = re.compile(r"\s+")
+_SPACES = CharClass(r"\s+")
+_JOIN = "\ue000"
 _MERSENNE = np.uint64((1 << 61) - 1)  # datatrove's modulus for the permutations
 _MULT = np.uint64(0x100000001B3)
 
@@ -84,11 +83,27 @@ def char_shingles(text: str, n: int) -> np.ndarray:
     return _ngram_hashes(codes, min(n, len(codes))).reshape(-1, 1)
 
 
+def _squeezed_codes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The code points of ``_squeeze`` of every text, concatenated, and each text's length: the
+    texts joined by a private-use character (which, like the ends of a text, no case rule looks
+    across), lowercased and stripped of whitespace in one go."""
+    joined = _JOIN.join(texts)
+    if joined.count(_JOIN) != max(len(texts) - 1, 0):  # a text holds the joiner itself: one by one
+        squeezed = [_squeeze(t) for t in texts]
+        return _codes("".join(squeezed)), np.array([len(t) for t in squeezed], dtype=np.int64)
+    codes = np.frombuffer(joined.lower().encode("utf-32-le"), dtype=np.uint32)
+    joints = np.flatnonzero(codes == ord(_JOIN))
+    kept = ~_SPACES(codes)
+    kept[joints] = False
+    total = np.concatenate([[0], np.cumsum(kept, dtype=np.int64)])
+    starts, ends = np.concatenate([[0], joints + 1]), np.concatenate([joints, [len(codes)]])
+    lengths = total[ends] - total[starts] if texts else np.zeros(0, dtype=np.int64)
+    return codes[kept].astype(np.uint64), lengths
+
+
 def batch_shingles(texts: list[str], n: int) -> tuple[np.ndarray, np.ndarray]:
     """``char_shingles`` of many texts at once: all shingles in order, and the count per text."""
-    squeezed = [_squeeze(t) for t in texts]
-    lengths = np.array([len(t) for t in squeezed], dtype=np.int64)
-    codes = _codes("".join(squeezed))
+    codes, lengths = _squeezed_codes(texts)
     if len(codes) < n or (lengths < n).any():  # rare: texts shorter than n, one by one
         parts = [char_shingles(t, n).ravel() for t in texts]
         return (np.concatenate(parts) if parts else np.zeros(0, np.uint64)), np.array([len(p) for p in parts])
@@ -109,6 +124,31 @@ def sig_dtype(config: MinhashConfig) -> np.dtype:
     return np.dtype([(f"h{i}", fmt) for i in range(config.hashes_per_bucket)] + [("doc", "<u4")])
 
 
+def sort_order(keys: list[np.ndarray]) -> np.ndarray:
+    """``np.lexsort(keys[::-1])`` (the first key most significant) for keys that together are
+    unique, several times faster: sorts on the first key, then only the runs of equal values on the
+    next key, and so on. The runs shrink fast: after two hashes, only exact copies tie."""
+    order = np.arange(len(keys[0]))
+    at = order.copy()  # positions (in the order so far) inside runs of equal keys
+    run = np.zeros(len(order), dtype=np.int64)  # each such position's run, ascending
+    for level, key in enumerate(keys):
+        sub = order[at]
+        values = key[sub]
+        perm = np.argsort(values) if level == 0 else np.lexsort([values, run])
+        order[at] = sub[perm]
+        values = values[perm]
+        same = (values[1:] == values[:-1]) & (run[1:] == run[:-1])
+        if not same.any():
+            break
+        tied = np.zeros(len(at), dtype=bool)
+        tied[1:] = same
+        tied[:-1] |= same
+        starts = np.concatenate([[True], ~same])
+        run = np.cumsum(starts)[tied]
+        at = at[tied]
+    return order
+
+
 class KoreanMinhashSignature(MinhashDedupSignature):
     """datatrove's MinHash step 1 with character n-gram shingles, computed for many documents at a
     time: the same permutations (datatrove's parameters) and the same signature files, sorted as
@@ -117,6 +157,7 @@ class KoreanMinhashSignature(MinhashDedupSignature):
     name = "MinHash signatures (character n-grams)"
     BATCH_SHINGLES = 1 << 16  # characters of text shingled at a time
     BLOCK_ROWS = 256  # shingles permuted at a time: each (rows x hashes) array (~230 KB) stays in a core's cache
+    HELD_BYTES = 1 << 27  # signature records a task holds in memory to sort them before writing (~140k documents)
 
     def __init__(self, output_folder: str, config: MinhashConfig):
         super().__init__(output_folder, config=config, language="ko")
@@ -125,38 +166,57 @@ class KoreanMinhashSignature(MinhashDedupSignature):
         return char_shingles(text, self.config.n_grams)
 
     def run(self, data, rank: int = 0, world_size: int = 1):
-        files = [self.output_folder.open(f"bucket_{b:03d}/{rank:05d}.minhash.sig", mode="wb")
-                 for b in range(self.config.num_buckets)]
-        texts, ids, chars = [], [], 0
+        names = [f"bucket_{b:03d}/{rank:05d}.minhash.sig" for b in range(self.config.num_buckets)]
+        files = [self.output_folder.open(name, mode="wb") for name in names]
+        held: list[list[np.ndarray]] = [[] for _ in names]  # each bucket's records not yet on disk
+        spilled = False
+        texts, ids, chars, size = [], [], 0, 0
         for doc_idx, doc in enumerate(data):
             texts.append(doc.text)
             ids.append(doc_idx)
             chars += len(doc.text)
             if chars >= self.BATCH_SHINGLES:
-                self._write_batch(texts, ids, files)
+                size += self._add_batch(texts, ids, held)
                 texts, ids, chars = [], [], 0
+                if size > self.HELD_BYTES:  # a big task: to disk now, sorted from the files at the end
+                    self._write(held, files, sort=False)
+                    spilled, size = True, 0
         if texts:
-            self._write_batch(texts, ids, files)
+            self._add_batch(texts, ids, held)
+        self._write(held, files, sort=not spilled)
         for f in files:
             f.close()
-        for b in range(self.config.num_buckets):
-            self._sort_bucket(f"bucket_{b:03d}/{rank:05d}.minhash.sig")
+        if spilled:
+            for name in names:
+                self._sort_bucket(name)
 
-    def _write_batch(self, texts: list[str], ids: list[int], files: list) -> None:
+    def _add_batch(self, texts: list[str], ids: list[int], held: list[list[np.ndarray]]) -> int:
+        """Each bucket's signature records of a batch of documents, added to ``held``; returns their bytes."""
         shingles, counts = batch_shingles(texts, self.config.n_grams)
         keep = counts > 0  # a document without text has no signature (as in datatrove)
         if not keep.any():
-            return
+            return 0
         counts = counts[keep]
         mins = self._minima(shingles, counts)
         doc_ids = np.asarray(ids, dtype=np.uint32)[keep]
         hpb, dtype = self.config.hashes_per_bucket, sig_dtype(self.config)
-        for bucket, f in enumerate(files):
+        for bucket, kept in enumerate(held):
             records = np.empty(len(doc_ids), dtype=dtype)
             for i in range(hpb):
                 records[f"h{i}"] = mins[:, bucket * hpb + i]
             records["doc"] = doc_ids
+            kept.append(records)
+        return len(doc_ids) * dtype.itemsize * len(held)
+
+    def _write(self, held: list[list[np.ndarray]], files: list, sort: bool) -> None:
+        """Append the held records to the bucket files (sorted, where they are all of the task's)."""
+        dtype = sig_dtype(self.config)
+        for kept, f in zip(held, files):
+            records = np.concatenate(kept) if kept else np.zeros(0, dtype=dtype)
+            if sort:
+                records = records[sort_order([records[name] for name in dtype.names])]
             f.write(records.tobytes())
+            kept.clear()
 
     def _minima(self, shingles: np.ndarray, counts: np.ndarray) -> np.ndarray:
         """Each document's minimum over its shingles of every permutation (a document's shingles
@@ -168,20 +228,32 @@ class KoreanMinhashSignature(MinhashDedupSignature):
         for d0, d1 in zip(cuts[:-1], cuts[1:]):
             r1 = starts[d1] if d1 < len(counts) else len(shingles)
             phv = self._permute(shingles[starts[d0]:r1].reshape(-1, 1))
-            mins[d0:d1] = np.minimum.reduceat(phv, starts[d0:d1] - starts[d0], axis=0)
+            np.minimum.reduceat(phv, starts[d0:d1] - starts[d0], axis=0, out=mins[d0:d1])
         return mins
+
+    def _buffers(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """Two (rows x hashes) work arrays, reused across blocks: allocating arrays of this size
+        anew for every block costs more than the arithmetic (fresh pages from the OS each time)."""
+        if getattr(self, "_work", None) is None or len(self._work[0]) < rows:
+            shape = (max(rows, self.BLOCK_ROWS), self.num_hashes)
+            self._work = (np.empty(shape, dtype=np.uint64), np.empty(shape, dtype=np.uint64))
+        return self._work[0][:rows], self._work[1][:rows]
 
     def _permute(self, x: np.ndarray) -> np.ndarray:
         """datatrove's ``(x * a + b) % (2**61 - 1)`` (with its 64-bit wraparound), the modulus taken
-        with shifts and masks: the same values, without a division per entry."""
+        with shifts and masks: the same values, without a division per entry. The result is a view
+        of a work buffer, valid until the next call."""
         a, b = self.parameters
+        v, high = self._buffers(len(x))
         with np.errstate(over="ignore"):
-            v = x * a
+            np.multiply(x, a, out=v)
             v += b
-        high = v >> np.uint64(61)
+        np.right_shift(v, np.uint64(61), out=high)
         v &= _MERSENNE
-        v += high
-        np.subtract(v, _MERSENNE, out=v, where=v >= _MERSENNE)
+        v += high  # now at most modulus + 7: subtract it where it fits (almost never: a read to check)
+        if v.max() >= _MERSENNE:
+            np.subtract(v, _MERSENNE, out=high)  # unsigned: v - M wraps above v where v < M
+            np.minimum(v, high, out=v)
         if self.config.hash_config.precision == 32:
             v &= np.uint64(self.config.hash_config.max)
         return v
@@ -190,25 +262,41 @@ class KoreanMinhashSignature(MinhashDedupSignature):
         dtype = sig_dtype(self.config)
         with self.output_folder.open(path, mode="rb") as f:
             records = np.frombuffer(f.read(), dtype=dtype)
-        # lexsort on the columns: the order of sort(order=dtype.names), several times faster
-        records = records[np.lexsort([records[name] for name in reversed(dtype.names)])]
+        records = records[sort_order([records[name] for name in dtype.names])]
         with self.output_folder.open(path, mode="wb") as f:
             f.write(records.tobytes())
 
 
-class ExactFilter(ExactDedupFilter):
-    """datatrove's exact-dedup step 3 without its per-document statistics (kolm counts documents
-    itself; datatrove's counters cost more than the filtering)."""
+class ExactDrops:
+    """The line numbers of task ``rank``'s exact copies, from exact dedup's step 2 files: the
+    documents datatrove's step 3 (ExactDedupFilter) drops."""
 
-    def stat_update(self, *labels, value: int = 1, unit: str | None = None) -> None:
-        pass
+    def __init__(self, dups_folder: str):
+        self.folder = Path(dups_folder)
+
+    def __call__(self, rank: int, lines: int) -> np.ndarray:
+        files = sorted(self.folder.glob(f"*/{rank:05d}.c4_dup"))
+        found = np.sort(np.concatenate([np.fromfile(f, dtype="<u4") for f in files] or [np.zeros(0, "<u4")]))
+        if len(np.unique(found)) != len(found) or (len(found) and found[-1] >= lines):
+            raise RuntimeError(f"exact dedup: task {rank}'s duplicate list does not fit its {lines} documents")
+        return found.astype(np.int64)
 
 
-class MinhashFilter(MinhashDedupFilter):
-    """datatrove's MinHash step 4 without its per-document statistics."""
+class MinhashDrops:
+    """The line numbers of task ``rank``'s documents that MinHash clustering removes (step 3's
+    ``.remove`` file), as datatrove's step 4 (MinhashDedupFilter) reads them: in file order, until
+    a number does not exceed the one before."""
 
-    def stat_update(self, *labels, value: int = 1, unit: str | None = None) -> None:
-        pass
+    def __init__(self, remove_folder: str):
+        self.folder = Path(remove_folder)
+
+    def __call__(self, rank: int, lines: int) -> np.ndarray:
+        path = self.folder / f"{rank:06d}.remove"
+        found = np.fromfile(path, dtype="<u4").astype(np.int64) if path.is_file() else np.zeros(0, np.int64)
+        rising = np.flatnonzero(np.diff(found) <= 0)
+        if len(rising):
+            found = found[:rising[0] + 1]
+        return found[found < lines]
 
 
 class MinhashBuckets(MinhashDedupBuckets):
@@ -254,7 +342,7 @@ class MinhashBuckets(MinhashDedupBuckets):
             return np.zeros((0, 4), dtype=np.uint32)
         rec, owner = np.concatenate(parts), np.concatenate(owners)
         hashes = [rec[f"h{i}"] for i in range(hpb)]
-        order = np.lexsort((rec["doc"], owner, *reversed(hashes)))
+        order = sort_order([*hashes, owner, rec["doc"]])
         same = np.ones(len(order) - 1, dtype=bool)
         for h in hashes:
             sorted_h = h[order]
@@ -269,9 +357,12 @@ class ExactSignature(ExactDedupSignature):
     be computed in the same pass."""
 
     def run(self, data, rank: int = 0, world_size: int = 1):
+        if self.config.document_priority is not None:
+            raise ValueError("kolm's exact dedup gives every document the same priority")
         signatures = []
+        content, digest = self.config.content_getter, self.hash_fc
         for doc_idx, doc in enumerate(data):
-            signatures.extend(self.get_hashes(doc, doc_idx))
+            signatures.append((digest(content(doc)), 1, doc_idx))  # get_hashes, without its call overhead
             yield doc
         self.save_hashes(rank, signatures)
 
@@ -279,3 +370,24 @@ class ExactSignature(ExactDedupSignature):
 def count_exact_duplicates(dups_folder: Path) -> int:
     """Documents exact dedup marks as copies (datatrove's step 2 writes one uint32 per copy)."""
     return sum(p.stat().st_size // 4 for p in dups_folder.rglob("*.c4_dup")) if dups_folder.is_dir() else 0
+
+
+class TaskSplit(PipelineStep):
+    """Several independent steps as the tasks of one stage: ``parts`` lists (step, tasks), and
+    task ``rank`` runs the step it falls to as that step's own task (so that one pool of workers
+    runs them side by side, instead of one stage after another)."""
+
+    type = "kolm"
+    name = "task split"
+
+    def __init__(self, parts: list[tuple[PipelineStep, int]]):
+        super().__init__()
+        self.parts = parts
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        if world_size != sum(tasks for _, tasks in self.parts):
+            raise ValueError(f"{world_size} tasks for parts of {[tasks for _, tasks in self.parts]} tasks")
+        for step, tasks in self.parts:
+            if rank < tasks:
+                return step.run(data, rank, tasks)
+            rank -= tasks

@@ -7,6 +7,8 @@ module: the `kolm` console script and ``python -m kolm`` both guard their entry 
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import os
 import sys
 import threading
@@ -16,10 +18,12 @@ from pathlib import Path
 import datatrove.executor.base as _base
 import datatrove.pipeline.dedup.exact_dedup as _exact
 import datatrove.pipeline.dedup.minhash as _minhash
+import datatrove.utils._import_utils as _imports
 import multiprocess
 from datatrove.executor.local import LocalPipelineExecutor
 from loguru import logger
 
+from kolm.data.clean_workers import PRELOAD
 from kolm.log import say
 
 _FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <8} | {name}:{function}:{line} - {message}"
@@ -60,10 +64,21 @@ _base.add_task_logger = _task_logger
 _base.close_task_logger = _close_task_logger
 _exact.tqdm = _minhash.tqdm = _no_bar
 
-# Workers fork from a server that has already imported the pipeline's modules (once per command,
-# instead of once per stage and worker).
-PRELOAD = ["kolm.data.clean_exec", "kolm.data.clean_io", "kolm.data.clean_normalize", "kolm.data.clean_filters",
-           "kolm.data.clean_pii", "kolm.data.clean_dedup"]
+
+@functools.cache
+def _distribution_available(name: str) -> bool | None:
+    try:
+        importlib.metadata.distribution(name)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+# datatrove checks that a step's packages are installed (xxhash for the hash settings, kiwipiepy for
+# the MinHash step) by reading the metadata of every installed distribution, about a second of the
+# command's start; looking the one name up gives the same answer.
+_imports._is_distribution_available = _distribution_available
+
 
 
 class KolmExecutor(LocalPipelineExecutor):

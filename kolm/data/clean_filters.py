@@ -15,15 +15,17 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+import numpy as np
 from datatrove.data import Document, DocumentsPipeline
 
 from kolm.data.clean_config import FilterConfig
 from kolm.data.clean_io import CountingStep
+from kolm.data.clean_normalize import CharClass
 
 FILTER_NAMES = ("runs", "boilerplate", "length", "hangul", "repetition", "spam")
 
-_HANGUL = re.compile("[\uac00-\ud7a3\u1100-\u11ff\u3131-\u318e]")
-_LETTER = re.compile(r"[^\W\d_]")
+_HANGUL = CharClass("[\uac00-\ud7a3\u1100-\u11ff\u3131-\u318e]+")  # syllables and jamo
+_LETTERS = CharClass(r"[^\W\d_]+")  # letters of any script (no digits, spaces, punctuation or "_")
 _SEPARATORS = re.compile(r"\s*[|·/>›»]\s*")
 _HAS_SEPARATOR = re.compile("[|·/>›»]")
 
@@ -35,8 +37,38 @@ def count(pattern: re.Pattern, text: str) -> int:
 
 def hangul_share(text: str) -> float:
     """Hangul among letters (digits, spaces and punctuation do not count); 0 for no letters."""
-    letters = count(_LETTER, text)
-    return count(_HANGUL, text) / letters if letters else 0.0
+    return hangul_shares([text])[0]
+
+
+def _codes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The code points of all ``texts`` in one array, and where each text starts (plus the end)."""
+    codes = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    bounds = np.zeros(len(texts) + 1, dtype=np.int64)
+    np.cumsum([len(t) for t in texts], out=bounds[1:])
+    return codes, bounds
+
+
+def _per_text(mask: np.ndarray, bounds: np.ndarray) -> list[int]:
+    total = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
+    return (total[bounds[1:]] - total[bounds[:-1]]).tolist()
+
+
+def hangul_shares(texts: list[str]) -> list[float]:
+    """``hangul_share`` of many texts, the characters classified in numpy over all of them at once."""
+    codes, bounds = _codes(texts)
+    letters = _per_text(_LETTERS(codes), bounds)
+    hangul = _per_text(_HANGUL(codes), bounds)
+    return [h / n if n else 0.0 for h, n in zip(hangul, letters)]
+
+
+def with_runs(texts: list[str], run_min: int) -> set[int]:
+    """The texts holding ``run_min`` equal characters in a row (the only ones a run pattern can
+    match; a few more where a run crosses from one text into the next)."""
+    codes, bounds = _codes(texts)
+    same = codes[1:] == codes[:-1]
+    for _ in range(run_min - 2):
+        same = same[:-1] & same[1:]
+    return set((np.searchsorted(bounds, np.flatnonzero(same), side="right") - 1).tolist())
 
 
 def shorten_runs(text: str, run: re.Pattern, keep: int) -> tuple[str, int]:
@@ -142,6 +174,7 @@ class QualityFilter(CountingStep):
     """Applies the FilterConfig checks in order; the first that fails drops the document."""
 
     name = "filters"
+    BATCH = 1024  # documents checked together (the character counts run in numpy over a batch)
 
     def __init__(self, counts_dir: str, cfg: FilterConfig):
         super().__init__(counts_dir, cfg.examples_per_filter)
@@ -153,28 +186,55 @@ class QualityFilter(CountingStep):
         self.words = KiwiWords() if cfg.words == "kiwi" else str.split
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        batch: list[Document] = []
         for doc in data:
-            why = self.check(doc)
+            batch.append(doc)
+            if len(batch) == self.BATCH:
+                yield from self._passed(batch)
+                batch = []
+        yield from self._passed(batch)
+        self.save(rank)
+
+    def _passed(self, docs: list[Document]):
+        for doc, why in zip(docs, self.check_batch(docs)):
             if why:
                 self.removed(why, doc)
-                continue
-            yield doc
-        self.save(rank)
+            else:
+                yield doc
 
     def check(self, doc: Document) -> str | None:
         """The name of the first failing filter (the text may be rewritten on the way), or None."""
+        return self.check_batch([doc])[0]
+
+    def check_batch(self, docs: list[Document]) -> list[str | None]:
+        """``check`` of each document; the checks that count characters run over the whole batch."""
         cfg = self.cfg
-        if self.run_re is not None and self._runs(doc):
-            return "runs"
-        if cfg.max_boilerplate_share < 1 and self._boilerplate(doc):
-            return "boilerplate"
-        if not cfg.min_chars <= len(doc.text) <= cfg.max_chars:
-            return "length"
-        if cfg.min_hangul_share and hangul_share(doc.text) < cfg.min_hangul_share:
+        why: list[str | None] = [None] * len(docs)
+        if self.run_re is not None:
+            for i in with_runs([doc.text for doc in docs], cfg.run_min):
+                if self._runs(docs[i]):
+                    why[i] = "runs"
+        for i, doc in enumerate(docs):
+            if why[i]:
+                continue
+            if cfg.max_boilerplate_share < 1 and self._boilerplate(doc):
+                why[i] = "boilerplate"
+            elif not cfg.min_chars <= len(doc.text) <= cfg.max_chars:
+                why[i] = "length"
+        live = [i for i, w in enumerate(why) if w is None]
+        shares = hangul_shares([docs[i].text for i in live]) if cfg.min_hangul_share else [1.0] * len(live)
+        for i, share in zip(live, shares):
+            why[i] = self._late(docs[i].text, share)
+        return why
+
+    def _late(self, text: str, hangul: float) -> str | None:
+        """The checks after length, in order, given the text's Hangul share."""
+        cfg = self.cfg
+        if cfg.min_hangul_share and hangul < cfg.min_hangul_share:
             return "hangul"
-        if repetition_failure(doc.text, cfg, self.words):
+        if repetition_failure(text, cfg, self.words):
             return "repetition"
-        if self.spam is not None and cfg.spam_min_hits and count(self.spam, doc.text) >= cfg.spam_min_hits:
+        if self.spam is not None and cfg.spam_min_hits and count(self.spam, text) >= cfg.spam_min_hits:
             return "spam"
         return None
 

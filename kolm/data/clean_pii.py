@@ -34,7 +34,7 @@ _ACCOUNT = re.compile(r"(?<![\d-])(?:" + "|".join("-".join(rf"\d{{{n}}}" for n i
                                                   for layout in _ACCOUNT_LAYOUTS) + r")(?![\d-])")
 _BANK_WORDS = r"(?:계좌|계좌번호|통장|입금|송금|예금주|은행|뱅크|농협|국민|신한|우리|하나|기업|새마을|우체국|신협|수협)"
 _ACCOUNT_NEAR_BANK = re.compile(_BANK_WORDS + r"[^\d\n]{0,12}(?<![\d-])(\d[\d-]{8,17}\d)(?![\d-])")
-_MAYBE = re.compile(r"@|\d{3}")
+_MAYBE = re.compile(r"[@\d](?:(?<=@)|\d\d)")  # "@" or three digits; starting on a character set scans fast
 
 
 def luhn_ok(digits: str) -> bool:

@@ -33,10 +33,11 @@ class Stages:
     def stages(self) -> list[Stage]:
         tasks = len(self.units)
         stages = [Stage("prepare", tasks, self.prepare)]
-        if self.dedup != "none":
+        if self.dedup == "exact":
             stages.append(Stage("exact duplicates", 1, self.exact_find))
-        if self.dedup == "near":
-            stages += [Stage("minhash buckets", self.cfg.dedup.num_buckets, self.minhash_buckets),
+        if self.dedup == "near":  # the exact copies are found beside the buckets, in the same stage
+            stages += [Stage("exact duplicates and minhash buckets", 1 + self.cfg.dedup.num_buckets,
+                             self.exact_and_buckets),
                        Stage("minhash clusters", 1, self.minhash_clusters)]
         return [*stages, Stage("write", tasks, self.write)]
 
@@ -103,20 +104,16 @@ class Stages:
 
         return [ExactFindDedups(self._path("exact/sigs"), self._path("exact/dups"), exact_config())]
 
-    def _exact_survivors(self) -> list:
-        from kolm.data.clean_dedup import ExactFilter, exact_config
-        from kolm.data.clean_io import PreparedReader
-
-        steps = [PreparedReader(self._path("prepared"), self.cfg.text_field)]
-        if self.dedup == "exact":
-            steps.append(ExactFilter(self._path("exact/dups"), exact_config()))
-        return steps
-
     def minhash_buckets(self) -> list:
         from kolm.data.clean_dedup import MinhashBuckets, minhash_config
 
         return [MinhashBuckets(self._path("minhash/sigs"), self._path("minhash/buckets"),
                                config=minhash_config(self.cfg.dedup))]
+
+    def exact_and_buckets(self) -> list:
+        from kolm.data.clean_dedup import TaskSplit
+
+        return [TaskSplit([(self.exact_find()[0], 1), (self.minhash_buckets()[0], self.cfg.dedup.num_buckets)])]
 
     def minhash_clusters(self) -> list:
         from datatrove.pipeline.dedup.minhash import MinhashDedupCluster
@@ -127,12 +124,9 @@ class Stages:
                                     config=minhash_config(self.cfg.dedup))]
 
     def write(self) -> list:
-        from kolm.data.clean_dedup import MinhashFilter
-        from kolm.data.clean_io import Count, JsonlGzWriter
+        from kolm.data.clean_dedup import ExactDrops, MinhashDrops
+        from kolm.data.clean_io import PreparedWriter
 
-        steps = self._exact_survivors()
-        if self.dedup == "exact":
-            steps.append(Count(self.counts, "after_exact"))
-        if self.dedup == "near":
-            steps += [MinhashFilter(self._path("minhash/remove")), Count(self.counts, "after_near")]
-        return [*steps, JsonlGzWriter(self.counts, str(self.out), self.cfg.text_field)]
+        drop, kept = {"exact": (ExactDrops(self._path("exact/dups")), "after_exact"),
+                      "near": (MinhashDrops(self._path("minhash/remove")), "after_near")}.get(self.dedup, (None, None))
+        return [PreparedWriter(self.counts, self._path("prepared"), str(self.out), self.cfg.text_field, drop, kept)]
