@@ -68,6 +68,17 @@ def test_ds_config_is_filled_from_the_run_config():
     assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] > 0  # the template's own settings survive
 
 
+
+def test_cpu_runs_get_pytorchs_fused_adamw_and_gpu_runs_deepspeeds():
+    cfg = RunConfig(data="d", tokenizer="t", run_dir="r")
+    params = dict(dsconfig.build(cfg, dp_world=2, grad_accum=1, on_cpu=True)["optimizer"]["params"])
+    assert params.pop("torch_adam") is True
+    # DeepSpeed hands the remaining params to torch.optim.AdamW: they must make the fused kernel
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(4))], **params)
+    assert opt.defaults["fused"] is True and opt.defaults["weight_decay"] == cfg.weight_decay
+    gpu = dsconfig.build(cfg, dp_world=2, grad_accum=1, on_cpu=False)["optimizer"]["params"]
+    assert "torch_adam" not in gpu and "fused" not in gpu
+
 def test_contradicting_ds_config_is_refused(tmp_path):
     user = tmp_path / "mine.json"
     user.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}}))
