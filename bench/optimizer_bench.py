@@ -89,7 +89,7 @@ def training_step_seconds(args: argparse.Namespace) -> float:
 
 def format_report(rows: list[tuple[str, int, dict]], step: float, args: argparse.Namespace, command: str) -> str:
     lines = [f"### {common.timestamp(utc=True)}", "",
-             f"- machine: {common.cpu_model()}, 1 thread; torch {common.library_versions(['torch'])}; kolm revision "
+             f"- machine: {common.cpu_model()}, 1 thread; {common.library_versions(['torch'])}; kolm revision "
              f"{common.git_revision()}", f"- command: `{command}`",
              f"- {args.repeats} interleaved rounds of {args.opt_steps} steps per method and model; medians", "",
              "| model | parameters per rank | plain AdamW ms | fused AdamW ms | plain / fused | max difference |",
