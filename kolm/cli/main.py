@@ -118,7 +118,10 @@ def _add_shard(sub) -> None:
     p.add_argument("--unit-bytes", type=_size, default=None, help="input bytes per work unit")
     p.add_argument("--num-tasks", type=int, default=None, help="array tasks (default: SLURM_ARRAY_TASK_COUNT or 1)")
     p.add_argument("--task-index", type=int, default=None, help="this task (default: from SLURM_ARRAY_TASK_ID)")
-    p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what --out holds from other inputs, another tokenizer or other options; work of "
+                        "this same command is kept: finished units stay, damaged ones are rebuilt. In an array job "
+                        "only task 0 replaces; the other tasks wait for it")
     p.add_argument("--checkpoint-seconds", type=float, default=10.0, help=argparse.SUPPRESS)
     p.add_argument("--chunk-docs", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--piece-bytes", type=_size, default=None, help=argparse.SUPPRESS)
@@ -449,7 +452,9 @@ def _add_clean(sub) -> None:
     p.add_argument("--dedup", choices=("near", "exact", "none"), default="near", help="duplicate removal")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="settings",
                    help="tune one setting of kolm/data/clean_config.py, e.g. min_chars=50 min_hangul_share=0")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier kolm clean output in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier kolm clean output of other inputs or settings in --out; work of this "
+                        "same command is kept and continued. In an array job only task 0 replaces; the others wait")
     p.add_argument("--unit-bytes", type=_size, default=None, help="input bytes per task (default 32M)")
     p.add_argument("--num-tasks", type=int, default=None, help="array tasks (default: SLURM_ARRAY_TASK_COUNT or 1)")
     p.add_argument("--task-index", type=int, default=None, help="this task (default: from SLURM_ARRAY_TASK_ID)")
@@ -463,7 +468,7 @@ def _clean(args: argparse.Namespace) -> int:
     from kolm.data.clean_report import summary
     from kolm.data.shard import default_task
 
-    settings = [*args.settings, *([f"unit_bytes={args.unit_bytes}"] if args.unit_bytes else [])]
+    settings = [*args.settings, *([f"unit_bytes={args.unit_bytes}"] if args.unit_bytes is not None else [])]
     cfg = preset(args.filters, args.pii, args.dedup, args.text_field, args.skip_malformed, settings, args.documents)
     num_tasks, task_index = default_task()
     start = time.perf_counter()

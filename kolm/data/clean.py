@@ -34,11 +34,11 @@ import dataclasses
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 from kolm.data.clean_config import CleanConfig
 from kolm.data.corpus import check_documents, find_inputs, plan_units
+from kolm.data.jobs import check_at_least, check_out_dir, check_tasks, wait_for_plan
 from kolm.errors import KolmError
 from kolm.files import atomic_write_json, read_json
 from kolm.log import say
@@ -80,11 +80,23 @@ def _owned(name: str) -> bool:
     return name in (REPORT, REMOVED, WORK) or (name.endswith(".jsonl.gz") and name[:5].isdigit())
 
 
+def recorded_plan(out: Path) -> dict | None:
+    """The plan of the output already in ``out``: its report's when finished, else its work's."""
+    for path, key in ((out / REPORT, "plan"), (out / WORK / "plan.json", None)):
+        try:
+            recorded = read_json(path)
+        except (OSError, ValueError):
+            continue  # absent, or removed while read (another task finishing)
+        return recorded.get(key) if key else recorded
+    return None
+
+
 def prepare_output(out: Path, plan: dict, overwrite: bool) -> bool:
-    """Check ``out`` against the plan; True when it already holds this run's finished output."""
-    if out.exists() and not out.is_dir():
-        raise KolmError(f"{out} is a file; choose a directory for --out")
-    if overwrite and out.is_dir():
+    """Check ``out`` against the plan; True when it already holds this run's finished output.
+
+    --overwrite removes earlier output only when it was made by another plan: output of this same
+    plan (a requeued or re-run array task) is continued, so no task's finished work is lost."""
+    if overwrite and out.is_dir() and recorded_plan(out) != plan:
         for p in out.iterdir():
             if _owned(p.name):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
@@ -119,13 +131,14 @@ def run_clean(inputs: list[str], out: str | os.PathLike, cfg: CleanConfig = Clea
     """
     from kolm.data.clean_stages import Stages
 
-    if not 0 <= task_index < num_tasks:
-        raise KolmError(f"--task-index {task_index} must be in [0, {num_tasks})")
+    check_tasks(num_tasks, task_index)
+    check_at_least("--workers", workers)
+    out = Path(out)
+    check_out_dir(out)
     cfg = resolve_spam_file(cfg)
     cfg.validate()
     plan, units = make_plan(inputs, cfg)
-    out = Path(out)
-    done = prepare_output(out, plan, overwrite) if task_index == 0 else wait_for_plan(out, plan)
+    done = prepare_output(out, plan, overwrite) if task_index == 0 else wait_for_task_zero(out, plan, task_index)
     if done:
         say(f"{out}: already complete; nothing to do")
         return read_json(out / REPORT)
@@ -145,14 +158,8 @@ def run_clean(inputs: list[str], out: str | os.PathLike, cfg: CleanConfig = Clea
     return report
 
 
-def wait_for_plan(out: Path, plan: dict, timeout: float = 600.0) -> bool:
-    """Array tasks other than 0 wait for task 0 to check the output directory and record the plan."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (out / REPORT).is_file() and read_json(out / REPORT).get("plan") == plan:
-            return True
-        plan_file = out / WORK / "plan.json"
-        if plan_file.is_file() and read_json(plan_file) == plan:
-            return False
-        time.sleep(1.0)
-    raise KolmError(f"{out}: array task 0 did not start this run within {timeout:.0f}s (see its log)")
+def wait_for_task_zero(out: Path, plan: dict, task_index: int) -> bool:
+    """Array tasks other than 0 wait for task 0 to check the output directory and record the plan;
+    True when this run's output is already finished."""
+    wait_for_plan(out, lambda: recorded_plan(out) == plan, task_index)
+    return (out / REPORT).is_file()

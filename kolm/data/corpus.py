@@ -114,11 +114,7 @@ def find_inputs(specs: list[str]) -> list[InputFile]:
 
 def _expand(spec: str) -> list[str]:
     if os.path.isdir(spec):
-        found = [
-            str(p.resolve())
-            for p in Path(spec).rglob("*")
-            if p.is_file() and format_of(str(p)) and not p.name.startswith(".")
-        ]
+        found = _files_below(spec)
         if not found:
             raise KolmError(f"{spec}: directory holds no corpus files ({FORMAT_HELP})")
         return found
@@ -133,6 +129,35 @@ def _expand(spec: str) -> list[str]:
     if not format_of(spec):
         raise KolmError(f"{spec}: unknown corpus format; supported: {FORMAT_HELP}")
     return [str(Path(spec).resolve())]
+
+
+def _files_below(directory: str) -> list[str]:
+    """Corpus files in ``directory`` and its subdirectories, skipping hidden names below it (work
+    and cache folders such as an unfinished `kolm clean`'s ``.work/``); a hidden directory named
+    on the command line is still read."""
+    found = []
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        names = [f for f in files if not f.startswith(".") and format_of(f)]
+        if names:
+            _refuse_unfinished_clean(root)
+        found.extend(str(Path(root, f).resolve()) for f in names if os.path.isfile(os.path.join(root, f)))
+    return found
+
+
+def _refuse_unfinished_clean(directory: str) -> None:
+    """A `kolm clean` output is complete once its report.json exists; before that it holds part of the corpus."""
+    plan = Path(directory, ".work", "plan.json")
+    if not plan.is_file() or Path(directory, "report.json").exists():
+        return
+    try:
+        recorded = json.loads(plan.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if isinstance(recorded, dict) and {"config", "tasks"} <= recorded.keys():
+        raise KolmError(f"{directory} is the output of a `kolm clean` that has not finished (it has .work/ but no "
+                        "report.json), so it holds only part of the corpus: re-run that kolm clean command to finish "
+                        "it, then read its output")
 
 
 def check_documents(documents: str, files: list[InputFile]) -> None:

@@ -48,6 +48,7 @@ from kolm.data.corpus import (
     plan_units,
 )
 from kolm.data.indexed import token_dtype, write_index
+from kolm.data.jobs import check_at_least, check_out_dir, check_tasks, wait_for_plan
 from kolm.data.tokenizer import TokenizerInfo, load_tokenizer_info
 from kolm.errors import KolmError
 from kolm.files import atomic_write_json, fsync_dir, read_json, sha256_file, sha256_update
@@ -349,6 +350,20 @@ class UnitJob:
     def done_path(self) -> Path:
         return self.out / WORK / f"unit-{self.unit.index:06d}.done.json"
 
+    def intact(self) -> bool:
+        """Whether a finished unit's shards are on disk as its record lists them (sizes, sha256)."""
+        try:
+            shards = read_json(self.done_path)["shards"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        for entry in shards:
+            bin_path, idx_path = (self.out / f"{entry['path']}{suffix}" for suffix in (".bin", ".idx"))
+            if not (bin_path.is_file() and idx_path.is_file()) or bin_path.stat().st_size != entry["bin_bytes"]:
+                return False
+            if sha256_file(bin_path) != entry["bin_sha256"] or sha256_file(idx_path) != entry["idx_sha256"]:
+                return False
+        return True
+
     def restore(self) -> bool:
         """Continue from the journal if it is consistent with the files; else start clean."""
         if self.journal.is_file():
@@ -457,17 +472,21 @@ def _describe_difference(old: dict, new: dict) -> str:
     return ", ".join(what.get(k, k) for k in keys) or "a different plan"
 
 
-def prepare_output(out: Path, plan: dict, overwrite: bool) -> bool:
-    """Check the output directory against the plan. Returns True if it is already complete."""
+def prepare_output(out: Path, plan: dict, overwrite: bool, task_index: int = 0) -> bool:
+    """Check the output directory against the plan. Returns True if it is already complete.
+
+    --overwrite replaces output of another plan, and only array task 0 (or a single task) does it;
+    the other tasks wait for task 0 to record the new plan. Output of this same plan is never
+    removed: finished units stay and a requeued task continues (`run_shard` redoes damaged ones)."""
+    if overwrite and _recorded_plan(out) != plan:
+        if task_index > 0:
+            wait_for_plan(out, lambda: _recorded_plan(out) == plan, task_index)
+            return False
+        _remove_owned(out)
+    elif overwrite:
+        (out / mf.MANIFEST).unlink(missing_ok=True)  # rewritten from the units' records once all are done
     manifest = out / mf.MANIFEST
     plan_file = out / WORK / "plan.json"
-    if overwrite:
-        for name in OWNED:
-            p = out / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
     if manifest.is_file():
         existing = _with_default_documents(read_json(manifest))
         if all(existing.get(k) == plan[k] for k in mf.IDENTITY_KEYS):
@@ -490,6 +509,23 @@ def prepare_output(out: Path, plan: dict, overwrite: bool) -> bool:
     (out / WORK).mkdir(parents=True, exist_ok=True)
     atomic_write_json(plan_file, plan)
     return False
+
+
+def _recorded_plan(out: Path) -> dict | None:
+    """The plan of the work in ``out`` (None when there is none, or it cannot be read)."""
+    try:
+        return _with_default_documents(read_json(out / WORK / "plan.json"))
+    except (OSError, ValueError):
+        return None
+
+
+def _remove_owned(out: Path) -> None:
+    for name in OWNED:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
 
 
 def _with_default_documents(recorded: dict) -> dict:
@@ -524,20 +560,23 @@ def run_shard(
     """Shard ``inputs`` into ``out``. Returns the manifest, or None when other array tasks
     still have units to finish (then `kolm shard merge` writes the manifest)."""
     options.validate()
-    if not 0 <= task_index < num_tasks:
-        raise KolmError(f"--task-index {task_index} must be in [0, {num_tasks})")
+    check_tasks(num_tasks, task_index)
+    check_at_least("--workers", workers)
+    out = Path(out)
+    check_out_dir(out)
     workers = workers or os.cpu_count() or 1
     tok = load_tokenizer_info(tokenizer)
     files = find_inputs(inputs)
     check_documents(options.documents, files)
     plan = make_plan(files, tok, options)
-    out = Path(out)
-    if prepare_output(out, plan, overwrite):
+    if prepare_output(out, plan, overwrite, task_index):
         say(f"{out}: already complete; nothing to do")
         return read_json(out / mf.MANIFEST)
     units = [Unit(i, _segments(files, u)) for i, u in enumerate(plan["units"]) if i % num_tasks == task_index]
     dtype = np.dtype(plan["dtype"])
     jobs = [UnitJob(out, u, dtype, options) for u in units]
+    if overwrite:
+        _forget_damaged(jobs)
     todo = [j for j in jobs if not j.done_path.is_file()]
     if len(todo) < len(jobs):
         say(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} units already done")
@@ -549,6 +588,14 @@ def run_shard(
             f"After all tasks finish, run `kolm shard merge {out}`")
         return None
     return finalize(out)
+
+
+def _forget_damaged(jobs: list[UnitJob]) -> None:
+    """With --overwrite: a finished unit whose shards no longer match its record is done again."""
+    for job in jobs:
+        if job.done_path.is_file() and not job.intact():
+            warn(f"unit {job.unit.index}: its shards differ from its record; rebuilding the unit")
+            job.done_path.unlink()
 
 
 def _segments(files: list[InputFile], unit: list) -> tuple:

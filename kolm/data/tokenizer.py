@@ -14,6 +14,7 @@ from pathlib import Path
 
 from kolm.data.clean_config import PII_TOKENS
 from kolm.data.corpus import Decoder, check_documents, find_inputs, iter_chunks, plan_units
+from kolm.data.jobs import check_at_least, check_out_dir
 from kolm.errors import KolmError
 from kolm.files import sha256_file
 
@@ -176,6 +177,8 @@ def train_tokenizer(
     out = Path(out)
     if vocab_size < MIN_VOCAB:
         raise KolmError(f"--vocab-size {vocab_size} is too small: use at least {MIN_VOCAB}")
+    check_at_least("--min-frequency", min_frequency)
+    check_at_least("--max-documents", max_documents)
     refuse_existing_output(out, force)
     stream = TrainingStream(inputs, text_field, skip_malformed, max_documents, documents)
     tok, trainer = _bpe(vocab_size, min_frequency, progress)
@@ -196,8 +199,7 @@ def train_tokenizer(
 
 def refuse_existing_output(out: Path, force: bool) -> None:
     """Stop before any work if ``out`` holds something that --force has not allowed us to replace."""
-    if out.exists() and not out.is_dir():
-        raise KolmError(f"{out} is a file; choose a directory for --out")
+    check_out_dir(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise KolmError(f"{out} already exists and is not empty; choose another --out or pass --force")
 

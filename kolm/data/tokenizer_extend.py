@@ -23,6 +23,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from kolm.data.jobs import check_at_least
 from kolm.data.tokenizer import (
     HOLDOUT_MAX_CHARS,
     TrainingStream,
@@ -439,8 +440,8 @@ def extend_tokenizer(
     out = Path(out)
     if add < 1:
         raise KolmError(f"--add {add}: give the number of tokens to add (at least 1)")
-    if min_frequency < 1:
-        raise KolmError(f"--min-frequency {min_frequency}: must be at least 1")
+    check_at_least("--min-frequency", min_frequency)
+    check_at_least("--max-documents", max_documents)
     refuse_existing_output(out, force)
     source = _load_base(base)
     stream = TrainingStream(inputs, text_field, skip_malformed, max_documents, documents)
