@@ -19,6 +19,7 @@ import sys
 import time
 import unicodedata
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ from helpers.shard import (
     shard,
     shard_args,
     shard_documents,
+    tree_digest,
     units_done,
     write_corpus,
     write_jsonl,
@@ -44,8 +46,11 @@ from helpers.shard import (
 )
 
 from kolm.data import indexed as kolm_indexed
+from kolm.data import jobs
 from kolm.data.indexed import write_index
 from kolm.data.manifest import load_shard_dir
+from kolm.data.shard import prepare_output, run_shard
+from kolm.errors import KolmError
 
 # Small chunks, shards and units so that chunking, rollover and unit boundaries all happen.
 SMALL = ("--chunk-docs", "64", "--max-shard-tokens", "5000", "--unit-bytes", "40000")
@@ -336,6 +341,101 @@ def test_slurm_array_variables_choose_the_task(tmp_path, korean_corpus, tokenize
         if task_id == "1":
             assert_user_error(kolm("shard", "merge", out), "not finished")  # the first task did half
     assert_same_output(small_shards, out)
+
+
+# Array tasks that all carry --overwrite (slurm/shard.sbatch requeues a task with its arguments).
+SAME_PLAN = {"options": {"documents": "lines"}, "units": [[], [], [], []]}
+OTHER_PLAN = {"options": {"documents": "lines"}, "units": [[]]}
+
+
+def write_work(out: Path, plan: dict, done: list[int]) -> None:
+    """An unfinished shard directory: the plan, and finished units with a shard each."""
+    (out / ".work").mkdir(parents=True)
+    (out / "train").mkdir()
+    (out / ".work" / "plan.json").write_text(json.dumps(plan))
+    for unit in done:
+        (out / ".work" / f"unit-{unit:06d}.done.json").write_text("{}")
+        (out / "train" / f"{unit:06d}-0000.bin").write_bytes(b"tokens")
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("task_index", [0, 1])
+def test_overwrite_keeps_the_finished_units_of_the_same_plan(tmp_path, task_index):
+    out = tmp_path / "out"
+    write_work(out, SAME_PLAN, done=[1 - task_index, 3 - task_index])  # the other task's units
+    before = tree_digest(out, include_work=True)
+    assert prepare_output(out, SAME_PLAN, overwrite=True, task_index=task_index) is False
+    assert tree_digest(out, include_work=True) == before
+
+
+@pytest.mark.unit
+def test_only_task_zero_replaces_another_plan_and_the_others_wait_for_it(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    write_work(out, OTHER_PLAN, done=[0])
+    before = tree_digest(out, include_work=True)
+    monkeypatch.setattr(jobs, "PLAN_WAIT_SECONDS", 0.2)
+    with pytest.raises(KolmError, match="array task 0"):
+        prepare_output(out, SAME_PLAN, overwrite=True, task_index=1)
+    assert tree_digest(out, include_work=True) == before
+    monkeypatch.setattr(jobs, "PLAN_WAIT_SECONDS", 120.0)
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(prepare_output, out, SAME_PLAN, True, 1)
+        assert not waiting.done() and tree_digest(out, include_work=True) == before
+        assert prepare_output(out, SAME_PLAN, overwrite=True, task_index=0) is False
+        assert waiting.result() is False
+    assert json.loads((out / ".work" / "plan.json").read_text()) == SAME_PLAN
+    assert sorted(p.name for p in out.rglob("*")) == [".work", "plan.json"]
+
+
+@pytest.mark.cli
+def test_requeued_array_tasks_with_overwrite_keep_each_others_units(tmp_path, korean_corpus, tokenizer_dir,
+                                                                   small_shards):
+    out = tmp_path / "tasks"
+    args = (korean_corpus, tokenizer_dir, out, "--valid-fraction", "0.1", *SMALL, "--num-tasks", "2", "--overwrite")
+    shard(*args, "--task-index", "0")
+    shard(*args, "--task-index", "1")
+    requeued = shard(*args, "--task-index", "0")
+    assert "units already done" in requeued.stderr
+    assert kolm("shard", "merge", out).returncode == 0
+    assert_same_output(small_shards, out)
+
+
+@pytest.mark.cli
+def test_overwrite_rebuilds_only_the_damaged_unit(damaged, korean_corpus, tokenizer_dir, small_shards):
+    victim = sorted((damaged / "train").glob("*.bin"))[-1]
+    flip_byte(victim, 3)
+    unit = victim.name.split("-")[0]
+    others = {p: p.stat().st_mtime_ns for s in ("train", "valid") for p in (damaged / s).iterdir()
+              if not p.name.startswith(unit)}
+    assert others, "the corpus must make more than one unit"
+    proc = shard(korean_corpus, tokenizer_dir, damaged, "--valid-fraction", "0.1", *SMALL, "--overwrite")
+    assert f"unit {int(unit)}: its shards differ from its record" in proc.stderr
+    assert_same_output(small_shards, damaged)
+    assert {p: p.stat().st_mtime_ns for p in others} == others, "undamaged units were rebuilt"
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [({"workers": -1}, "--workers -1"), ({"workers": 0}, "--workers 0"), ({"num_tasks": 0}, "--num-tasks 0"),
+     ({"num_tasks": 2, "task_index": 2}, "--task-index 2"), ({"num_tasks": 2, "task_index": -1}, "--task-index -1")],
+)
+def test_bad_counts_are_refused_before_anything_is_written(tmp_path, korean_corpus, tokenizer_dir, kwargs, needle):
+    out = tmp_path / "out"
+    with pytest.raises(KolmError, match=re.escape(needle)):
+        run_shard([str(korean_corpus)], str(tokenizer_dir), out, progress=False, **kwargs)
+    assert not out.exists()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("below", [False, True])
+def test_an_out_that_is_a_file_is_refused(tmp_path, korean_corpus, tokenizer_dir, below):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    out = a_file / "shards" if below else a_file
+    with pytest.raises(KolmError, match="choose a directory for --out"):
+        run_shard([str(korean_corpus)], str(tokenizer_dir), out, workers=1, progress=False)
+    assert a_file.read_text() == "mine"
 
 
 # --------------------------------------------------------------------------- 8. memory
