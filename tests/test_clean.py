@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -457,6 +458,44 @@ def test_an_output_dir_of_another_run_or_of_other_files_is_refused(tmp_path, cor
     clean(corpus, previous, "--dedup", "exact", "--overwrite")
     report = json.loads((previous / "report.json").read_text())
     assert "near_duplicate" not in report["removed"]
+
+
+@pytest.mark.unit
+def test_overwrite_continues_the_same_plan_and_replaces_another(tmp_path):
+    from kolm.data.clean import prepare_output
+
+    out, plan = tmp_path / "out", {"format": 1, "inputs": [], "config": {}, "tasks": 2}
+    (out / ".work" / "logs").mkdir(parents=True)
+    (out / ".work" / "plan.json").write_text(json.dumps(plan))
+    (out / ".work" / "logs" / "00001").write_text("task 1 finished")  # another array task's completion
+    (out / "00001.jsonl.gz").write_bytes(b"task 1's output")
+    before = tree(out)
+    assert prepare_output(out, plan, overwrite=True) is False  # a requeued task 0
+    assert tree(out) == before
+    other = {**plan, "tasks": 3}
+    assert prepare_output(out, other, overwrite=True) is False
+    assert tree(out) == {".work/plan.json": (out / ".work" / "plan.json").read_bytes()}
+    assert json.loads((out / ".work" / "plan.json").read_text()) == other
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("kwargs", "needle"), [({"workers": -1}, "--workers -1"), ({"workers": 0}, "--workers 0"),
+                                                ({"num_tasks": 0}, "--num-tasks 0")])
+def test_bad_counts_are_refused_before_anything_is_written(tmp_path, corpus, kwargs, needle):
+    from kolm.data.clean import run_clean
+    from kolm.errors import KolmError
+
+    with pytest.raises(KolmError, match=re.escape(needle)):
+        run_clean([str(p) for p in corpus], tmp_path / "out", progress=False, **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("unit_bytes", ["0", "-4k"])
+def test_a_unit_size_below_one_byte_is_refused(tmp_path, corpus, unit_bytes):
+    proc = clean(corpus, tmp_path / "out", f"--unit-bytes={unit_bytes}", check=False)
+    assert_user_error(proc, "unit_bytes must be positive")
+    assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------- slurm: an array job
