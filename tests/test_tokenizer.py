@@ -66,3 +66,28 @@ def test_bad_arguments_are_clear_errors(tmp_path, korean_corpus):
     empty = run_kolm("tokenizer", "train", "--input", blank, "--vocab-size", 1000, "--out", tmp_path / "c")
     assert empty.returncode == 2 and "holds no text" in empty.stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("option", "value"), [("min_frequency", -1), ("min_frequency", 0), ("max_documents", 0),
+                                               ("max_documents", -3)])
+def test_counts_below_one_are_refused_before_training(tmp_path, korean_corpus, option, value):
+    from kolm.data.tokenizer import train_tokenizer
+    from kolm.errors import KolmError
+
+    flag = "--" + option.replace("_", "-")
+    with pytest.raises(KolmError, match=f"{flag} {value}: must be at least 1"):
+        train_tokenizer([str(korean_corpus)], tmp_path / "tok", 1000, progress=False, **{option: value})
+    assert not (tmp_path / "tok").exists()
+
+
+@pytest.mark.unit
+def test_an_out_below_a_file_is_refused(tmp_path, korean_corpus):
+    from kolm.data.tokenizer import train_tokenizer
+    from kolm.errors import KolmError
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    with pytest.raises(KolmError, match="lies below .*notes.txt, which is a file"):
+        train_tokenizer([str(korean_corpus)], a_file / "tok", 1000, progress=False)
+    assert a_file.read_text() == "mine"

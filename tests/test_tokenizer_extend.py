@@ -316,3 +316,12 @@ def test_bad_input_is_a_clear_error_and_overwrites_nothing(tmp_path, base_tokeni
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     extend("--force", out=out).check_returncode()
     assert (out / "tokenizer.json").is_file() and not (out / "notes.txt").exists()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("max_documents", [0, -1])
+def test_max_documents_below_one_is_refused_before_learning(tmp_path, base_tokenizer, korean_corpus, max_documents):
+    with pytest.raises(KolmError, match=f"--max-documents {max_documents}: must be at least 1"):
+        te.extend_tokenizer(base_tokenizer, [str(korean_corpus)], 50, tmp_path / "out", max_documents=max_documents,
+                            progress=False)
+    assert not (tmp_path / "out").exists()
