@@ -236,3 +236,28 @@ def test_running_the_same_command_twice_changes_nothing(korean_corpus, tokenizer
     assert "already complete" in proc.stderr
     assert_untouched(existing, before)
     assert (existing / "manifest.json").stat().st_mtime_ns == mtime
+
+
+# --------------------------------------------------------------------------- numbers and --out
+
+
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [(("--workers", "-1"), "--workers -1: must be at least 1"), (("--workers", "0"), "--workers 0: must be at least 1"),
+     (("--num-tasks", "0"), "--num-tasks 0: must be at least 1"),
+     (("--num-tasks", "2", "--task-index", "2"), "--task-index 2 must be in [0, 2)"),
+     (("--valid-fraction", "1"), "--valid-fraction 1.0 must be in [0, 1)"),
+     (("--valid-fraction", "nan"), "--valid-fraction nan must be in [0, 1)")],
+)
+def test_bad_numbers_are_refused_before_anything_is_written(tmp_path, korean_corpus, tokenizer_dir, options, needle):
+    out = tmp_path / "out"
+    assert_user_error(shard(korean_corpus, tokenizer_dir, out, *options, check=False), needle)
+    assert not out.exists()
+
+
+def test_an_out_that_is_a_file_is_refused_unchanged(tmp_path, korean_corpus, tokenizer_dir):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine", encoding="utf-8")
+    assert_user_error(shard(korean_corpus, tokenizer_dir, a_file, "--workers", "1", check=False),
+                      f"--out {a_file} is a file; choose a directory for --out")
+    assert a_file.read_text(encoding="utf-8") == "mine"
