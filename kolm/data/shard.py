@@ -478,13 +478,14 @@ def prepare_output(out: Path, plan: dict, overwrite: bool, task_index: int = 0) 
     --overwrite replaces output of another plan, and only array task 0 (or a single task) does it;
     the other tasks wait for task 0 to record the new plan. Output of this same plan is never
     removed: finished units stay and a requeued task continues (`run_shard` redoes damaged ones)."""
-    if overwrite and _recorded_plan(out) != plan:
-        if task_index > 0:
-            wait_for_plan(out, lambda: _recorded_plan(out) == plan, task_index)
-            return False
-        _remove_owned(out)
-    elif overwrite:
+    if overwrite and _recorded_plan(out) == plan:
         (out / mf.MANIFEST).unlink(missing_ok=True)  # rewritten from the units' records once all are done
+    elif overwrite and task_index > 0:
+        # Task 0 alone removes: a task that removed too could delete work task 0 has just begun.
+        wait_for_plan(out, lambda: _recorded_plan(out) == plan, task_index)
+        return False
+    elif overwrite:
+        _remove_owned(out)
     manifest = out / mf.MANIFEST
     plan_file = out / WORK / "plan.json"
     if manifest.is_file():
