@@ -343,6 +343,24 @@ def test_slurm_array_variables_choose_the_task(tmp_path, korean_corpus, tokenize
     assert_same_output(small_shards, out)
 
 
+@pytest.mark.unit
+def test_array_variables_must_number_the_tasks_without_gaps(monkeypatch):
+    for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX"):
+        monkeypatch.delenv(name, raising=False)
+    assert jobs.array_task() == (1, 0) and jobs.array_task(3, None) == (3, 0)
+    slurm = {"SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "4"}
+    for name, value in {**slurm, "SLURM_ARRAY_TASK_ID": "3"}.items():
+        monkeypatch.setenv(name, value)
+    assert jobs.array_task() == (4, 2) and jobs.array_task(None, 0) == (4, 0)
+    # sbatch --array=0-6:2: four tasks numbered 0, 2, 4, 6 would leave units 1 and 3 to nobody
+    for name, value in {"SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "6",
+                        "SLURM_ARRAY_TASK_ID": "2"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(KolmError, match="without gaps"):
+        jobs.array_task()
+    assert jobs.array_task(2, 1) == (2, 1)  # both given: the environment is not consulted
+
+
 # Array tasks that all carry --overwrite (slurm/shard.sbatch requeues a task with its arguments).
 SAME_PLAN = {"options": {"documents": "lines"}, "units": [[], [], [], []]}
 OTHER_PLAN = {"options": {"documents": "lines"}, "units": [[]]}

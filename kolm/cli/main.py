@@ -142,13 +142,14 @@ def _add_shard(sub) -> None:
 
 
 def _shard(args: argparse.Namespace) -> int:
+    from kolm.data.jobs import array_task
     from kolm.data.manifest import ShardSummary
-    from kolm.data.shard import ShardOptions, default_task, run_shard
+    from kolm.data.shard import ShardOptions, run_shard
 
     missing = [f"--{name}" for name in ("input", "tokenizer", "out") if not getattr(args, name)]
     if missing:
         args.parser.error(f"the following arguments are required: {', '.join(missing)}")
-    num_tasks, task_index = default_task()
+    num_tasks, task_index = array_task(args.num_tasks, args.task_index)
     # Defaults live in ShardOptions; the command line only overrides what it was given.
     given = {name: getattr(args, name) for name in ("valid_fraction", "max_shard_tokens", "unit_bytes", "chunk_docs",
                                                     "piece_bytes") if getattr(args, name) is not None}
@@ -157,9 +158,8 @@ def _shard(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     manifest = run_shard(
         args.input, args.tokenizer, args.out, options, workers=args.workers,
-        num_tasks=args.num_tasks if args.num_tasks is not None else num_tasks,
-        task_index=args.task_index if args.task_index is not None else task_index,
-        overwrite=args.overwrite, progress=not args.no_progress, checkpoint_seconds=args.checkpoint_seconds,
+        num_tasks=num_tasks, task_index=task_index, overwrite=args.overwrite, progress=not args.no_progress,
+        checkpoint_seconds=args.checkpoint_seconds,
     )
     if manifest is not None:
         emit(ShardSummary(args.out, manifest, time.perf_counter() - start))
@@ -466,16 +466,14 @@ def _clean(args: argparse.Namespace) -> int:
     from kolm.data.clean import run_clean
     from kolm.data.clean_config import preset
     from kolm.data.clean_report import summary
-    from kolm.data.shard import default_task
+    from kolm.data.jobs import array_task
 
     settings = [*args.settings, *([f"unit_bytes={args.unit_bytes}"] if args.unit_bytes is not None else [])]
     cfg = preset(args.filters, args.pii, args.dedup, args.text_field, args.skip_malformed, settings, args.documents)
-    num_tasks, task_index = default_task()
+    num_tasks, task_index = array_task(args.num_tasks, args.task_index)
     start = time.perf_counter()
     report = run_clean(args.input, args.out, cfg, workers=args.workers, overwrite=args.overwrite,
-                       progress=not args.no_progress,
-                       num_tasks=args.num_tasks if args.num_tasks is not None else num_tasks,
-                       task_index=args.task_index if args.task_index is not None else task_index)
+                       progress=not args.no_progress, num_tasks=num_tasks, task_index=task_index)
     if report is not None:
         emit(summary(args.out, report, time.perf_counter() - start))
     return 0

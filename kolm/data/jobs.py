@@ -4,6 +4,7 @@ tasks of a Slurm array agree on one plan (only task 0 ever replaces earlier outp
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,22 @@ def check_tasks(num_tasks: int, task_index: int) -> None:
         raise KolmError(f"--num-tasks {num_tasks}: must be at least 1 (the number of array tasks)")
     if not 0 <= task_index < num_tasks:
         raise KolmError(f"--task-index {task_index} must be in [0, {num_tasks}) for --num-tasks {num_tasks}")
+
+
+def array_task(num_tasks: int | None = None, task_index: int | None = None) -> tuple[int, int]:
+    """(num_tasks, task_index): as given, else from a Slurm array job's environment, else (1, 0)."""
+    env = os.environ
+    if (num_tasks is not None and task_index is not None) or not env.get("SLURM_ARRAY_TASK_ID"):
+        return (1 if num_tasks is None else num_tasks, 0 if task_index is None else task_index)
+    try:
+        count, task_id = int(env["SLURM_ARRAY_TASK_COUNT"]), int(env["SLURM_ARRAY_TASK_ID"])
+        first, last = int(env.get("SLURM_ARRAY_TASK_MIN", "0")), int(env.get("SLURM_ARRAY_TASK_MAX", "-1"))
+    except (KeyError, ValueError) as e:
+        raise KolmError(f"the Slurm array variables do not name a task ({e}); pass --num-tasks and --task-index") from e
+    if (last >= 0 and last - first + 1 != count) or not first <= task_id < first + count:
+        raise KolmError(f"array task {task_id} of a {count}-task array from {first}: kolm needs the tasks numbered "
+                        "without gaps (sbatch --array=0-N, no step or list); or pass --num-tasks and --task-index")
+    return (count if num_tasks is None else num_tasks, task_id - first if task_index is None else task_index)
 
 
 def check_out_dir(out: Path) -> None:

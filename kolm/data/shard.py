@@ -537,15 +537,6 @@ def _with_default_documents(recorded: dict) -> dict:
     return recorded
 
 
-def default_task() -> tuple[int, int]:
-    """(num_tasks, task_index) from a Slurm array job's environment, else (1, 0)."""
-    count = os.environ.get("SLURM_ARRAY_TASK_COUNT")
-    task_id = os.environ.get("SLURM_ARRAY_TASK_ID")
-    if count and task_id:
-        return int(count), int(task_id) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
-    return 1, 0
-
-
 def run_shard(
     inputs: list[str],
     tokenizer: str,
