@@ -15,7 +15,7 @@ from pathlib import Path
 from kolm.data.clean_config import PII_TOKENS
 from kolm.data.corpus import Decoder, check_documents, find_inputs, iter_chunks, plan_units
 from kolm.errors import KolmError
-from kolm.files import sha256_file
+from kolm.files import refuse_output_over_sources, sha256_file
 
 EOS = "<|endoftext|>"
 MIN_VOCAB = 512
@@ -176,7 +176,7 @@ def train_tokenizer(
     out = Path(out)
     if vocab_size < MIN_VOCAB:
         raise KolmError(f"--vocab-size {vocab_size} is too small: use at least {MIN_VOCAB}")
-    refuse_existing_output(out, force)
+    refuse_existing_output(out, force, *inputs)
     stream = TrainingStream(inputs, text_field, skip_malformed, max_documents, documents)
     tok, trainer = _bpe(vocab_size, min_frequency, progress)
     tok.train_from_iterator(iter(stream), trainer=trainer)
@@ -194,8 +194,10 @@ def train_tokenizer(
                            stream.stats["malformed_skipped"])
 
 
-def refuse_existing_output(out: Path, force: bool) -> None:
-    """Stop before any work if ``out`` holds something that --force has not allowed us to replace."""
+def refuse_existing_output(out: Path, force: bool, *sources: str | os.PathLike) -> None:
+    """Stop before any work if ``out`` holds something that --force has not allowed us to replace, or
+    if replacing it would delete one of the ``sources`` the command reads."""
+    refuse_output_over_sources(out, *sources)
     if out.exists() and not out.is_dir():
         raise KolmError(f"{out} is a file; choose a directory for --out")
     if out.exists() and any(out.iterdir()) and not force:

@@ -441,7 +441,7 @@ def extend_tokenizer(
         raise KolmError(f"--add {add}: give the number of tokens to add (at least 1)")
     if min_frequency < 1:
         raise KolmError(f"--min-frequency {min_frequency}: must be at least 1")
-    refuse_existing_output(out, force)
+    refuse_existing_output(out, force, base, *inputs)
     source = _load_base(base)
     stream = TrainingStream(inputs, text_field, skip_malformed, max_documents, documents)
     words = Counter(word for text in stream for word in _korean_words(source, text))
