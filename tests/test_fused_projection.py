@@ -203,3 +203,21 @@ def test_fusing_refuses_other_models_and_blocks(fused):
     model.model.layers[1] = Block(config, 1)
     with pytest.raises(ValueError, match="decoder block 1: expected transformers' PhiDecoderLayer, got Block"):
         fused.fuse_projections(model)
+
+
+def test_the_bench_summary_sets_the_fused_row_against_its_four_gemm_twin_only(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gpu_bench
+
+    def point(stage, tps, cpu, loss, fused=False, compiled=True):
+        return gpu_bench.Point("phi-1.5", 2048, "sdpa", compiled, 8, tps, 0.4, 40.0, "", stage, "bf16", cpu, loss,
+                               fused)
+
+    points = [point(2, 44000.0, 100.0, 7.5), point(0, 46200.0, 105.0, 7.51), point(2, 48400.0, 110.0, 7.52, True),
+              point(2, 30000.0, 70.0, 7.49, compiled=False)]
+    assert gpu_bench.fused_ratios(points) == [
+        "- one GEMM for q, k, v, fc1 against four (phi-1.5 seq 2048 micro batch 8, ZeRO-2, compiled): "
+        f"{'tokens/s' if torch.cuda.is_available() else 'tokens per CPU-second'} 1.100x (a fused layout needs "
+        ">= 1.03x); loss after the same steps 7.5200 against 7.5000"]
+    ratios = gpu_bench.stage_ratios(points)
+    assert len(ratios) == 1 and "ZeRO-0 1.050" in ratios[0] and "repeats" not in ratios[0]  # the fused row is no repeat
