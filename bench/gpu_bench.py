@@ -29,6 +29,7 @@ from pathlib import Path
 import common
 
 HEADING = "## One GPU"
+FUSED = ", q/k/v/fc1 fused"
 LADDER = (1, 2, 4, 8, 16, 32, 64)
 PROFILE_RESERVE = 100.0  # seconds of the budget kept for the profile
 
@@ -45,6 +46,7 @@ class Group:
     climb: bool = True  # stop the ladder when throughput stops growing
     zero_stage: int = 2
     precision: str = ""  # "": the plan's (bf16 on a GPU, fp32 in smoke mode); "fp8": float8 decoder blocks
+    fused: bool = False  # q, k, v and fc1 from one matrix product (fused_projection.py; not under ZeRO-3)
 
 
 @dataclass
@@ -62,6 +64,7 @@ class Point:
     precision: str = ""
     tokens_per_cpu_s: float | None = None  # tokens per second of this process's CPU time (the CPU ratios)
     final_loss: float | None = None  # after every step on the same fixed batch (fp8 against bf16)
+    fused: bool = False
 
 
 @dataclass
@@ -101,14 +104,16 @@ def make_plan(smoke: bool, only: str = "", name: str = "") -> Plan:
 
 def frontier_plan(smoke: bool) -> Plan:
     """A/B rows at the best known setting (phi-1.5, seq 2048, micro batch 8, compiled blocks): ZeRO
-    stage 2/0/1, fp8 decoder blocks, compilation off; then a profile of the fastest row."""
+    stage 2/0/1, fp8 decoder blocks, q/k/v/fc1 fused into one matrix product, compilation off; then a
+    profile of the fastest row."""
     base = _default_plan(smoke)
     model, seq, mb = ("phi-tiny", 64, 2) if smoke else ("phi-1.5", 2048, 8)
 
-    def row(stage: int, compiled: bool = True, precision: str = "") -> Group:
-        return Group(model, seq, "sdpa", compiled, (mb,), False, stage, precision)
+    def row(stage: int, compiled: bool = True, precision: str = "", fused: bool = False) -> Group:
+        return Group(model, seq, "sdpa", compiled, (mb,), False, stage, precision, fused)
 
-    groups = [row(2), row(0), row(2, precision="fp8"), row(1), row(2, compiled=False), row(0, compiled=False)]
+    groups = [row(2), row(0), row(2, precision="fp8"), row(2, fused=True), row(1), row(2, compiled=False),
+              row(0, compiled=False)]
     return Plan(smoke, base.steps, base.warmup, base.dtype, groups, profile=True, name="frontier")
 
 
@@ -148,9 +153,29 @@ def _engine(group: Group, micro_batch: int, dtype: str, vocab: int, torch_adam: 
                     zero_stage=group.zero_stage, precision=group.precision or dtype, warmup_steps=1,
                     attn_implementation=group.attn, compile=group.compile)
     check_kernels(cfg)  # what `kolm train --check` refuses (fp8 off Hopper, ...) ends the point with its message
+    if group.fused and (group.zero_stage == 3 or cfg.precision == "fp8"):
+        raise ValueError("fused projections need plain linear layers under ZeRO stage 0, 1 or 2 (not fp8, not ZeRO-3)")
     ds_config = dsconfig.build(cfg, 1, 1, on_cpu=torch_adam or not torch.cuda.is_available())
     config = build_config(get_shape(group.model), vocab, 0, 0, group.seq_len, group.attn)
-    return build_engine(config, ds_config, 0, cfg.weight_decay, False, group.compile, fp8=cfg.precision == "fp8")
+    engine = build_engine(config, ds_config, 0, cfg.weight_decay, False, group.compile and not group.fused,
+                          fp8=cfg.precision == "fp8")
+    if group.fused:
+        _fuse(engine, group.compile)
+    return engine
+
+
+def _fuse(engine, compile: bool) -> None:
+    """Fuse the projections of the engine's model, then compile its blocks if asked. The engine's module
+    is the model itself, DeepSpeed (ZeRO 0-2) leaves the blocks' forward alone (fuse_projections refuses a
+    replaced one) and torch.compile traces at the first call: compiled here, the fused blocks are compiled
+    as kolm.train.engine.build_engine compiles plain ones before deepspeed.initialize."""
+    from fused_projection import fuse_projections
+
+    from kolm.train.engine import compile_blocks
+
+    fuse_projections(engine.module)
+    if compile:
+        compile_blocks(engine.module)
 
 
 def _timed_steps(engine, micro_batch: int, seq_len: int, vocab: int, warmup: int,
@@ -207,7 +232,7 @@ def measure_point(group: Group, micro_batch: int, plan: Plan, vocab: int, peak: 
     from kolm.model.presets import get_shape
 
     point = Point(group.model, group.seq_len, group.attn, group.compile, micro_batch, zero_stage=group.zero_stage,
-                  precision=group.precision or plan.dtype)
+                  precision=group.precision or plan.dtype, fused=group.fused)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     engine = None
@@ -352,7 +377,7 @@ def run_profile(opts: argparse.Namespace, points: list[Point], deadline: float) 
         return None, None
     best = max(done, key=lambda p: p.tokens_per_s)
     group = Group(best.model, best.seq_len, best.attn, best.compile, (best.micro_batch,), False, best.zero_stage,
-                  best.precision if best.precision == "fp8" else "")
+                  best.precision if best.precision == "fp8" else "", best.fused)
     left = max(30.0, deadline - time.monotonic())
     return best, run_child(["--child-profile", json.dumps(asdict(group)), *child_flags(opts)], left)
 
@@ -368,12 +393,14 @@ def run_all(opts: argparse.Namespace, plan: Plan, flash: bool) -> tuple[list[Poi
         group = queue.pop(0)
         left = deadline - reserve - time.monotonic()
         if left < 30:
-            skipped.append(f"{group.model} seq {group.seq_len} {group.attn}{' compiled' if group.compile else ''}")
+            skipped.append(f"{group.model} seq {group.seq_len} {group.attn}{' compiled' if group.compile else ''}"
+                           f"{' fused' if group.fused else ''} ZeRO-{group.zero_stage} {group.precision}".rstrip())
             continue
         result = run_child(["--child-group", json.dumps(asdict(group)), *child_flags(opts)], left)
         got = [Point(**p) for p in result.get("points", [])] or [
             Point(group.model, group.seq_len, group.attn, group.compile, group.micro_batches[0],
-                  error=result.get("error"), zero_stage=group.zero_stage, precision=group.precision or plan.dtype)]
+                  error=result.get("error"), zero_stage=group.zero_stage, precision=group.precision or plan.dtype,
+                  fused=group.fused)]
         points += got
         best = max((p for p in got if p.tokens_per_s), key=lambda p: p.tokens_per_s, default=None)
         if best and group.climb:
@@ -394,14 +421,14 @@ def format_report(points: list[Point], seed: dict | None, skipped: list[str], op
              f"useful), {opts.vocab:,} embedding rows, {optimizer}; MFU against the card's data-sheet bf16 peak "
              "(for fp8 rows bf16-equivalent: the same model FLOPs over the bf16 peak)", "",
              "| model | seq | attention | compiled | micro batch | tokens/s | MFU | peak GiB | ZeRO | precision "
-             "| note |",
-             "|---|--:|---|---|--:|--:|--:|--:|--:|---|---|"]
+             "| q, k, v, fc1 | note |",
+             "|---|--:|---|---|--:|--:|--:|--:|--:|---|---|---|"]
     for p in points:
         mfu = f"{p.mfu:.1%}{' (bf16-eq.)' if p.precision == 'fp8' else ''}" if p.tokens_per_s else "-"
         lines.append(f"| {p.model} | {p.seq_len} | {p.attn} | {'yes' if p.compile else 'no'} | {p.micro_batch} | "
                      + (f"{p.tokens_per_s:,.0f} | {mfu} | " if p.tokens_per_s else "- | - | ")
                      + (f"{p.peak_gib:.1f} | " if p.peak_gib is not None else "- | ")
-                     + f"{p.zero_stage} | {p.precision} | {p.error} |")
+                     + f"{p.zero_stage} | {p.precision} | {'one GEMM' if p.fused else 'four GEMMs'} | {p.error} |")
     lines.append("")
     lines += _summary(points, seed, skipped) + _profile_lines(*profiled)
     return "\n".join(lines) + "\n"
@@ -429,7 +456,7 @@ def _profile_lines(point: Point | None, result: dict | None) -> list[str]:
     import step_profile
 
     setting = (f"{point.model} seq {point.seq_len} micro batch {point.micro_batch}, ZeRO-{point.zero_stage}, "
-               f"{point.precision}{', compiled' if point.compile else ''}")
+               f"{point.precision}{', compiled' if point.compile else ''}{FUSED if point.fused else ''}")
     return ["", *step_profile.format_profile(result, setting)]
 
 
@@ -439,7 +466,7 @@ def _summary(points: list[Point], seed: dict | None, skipped: list[str]) -> list
     if big:
         best = max(big, key=lambda p: p.mfu)
         lines.append(f"- best {best.model}: {best.mfu:.1%} MFU at seq {best.seq_len}, micro batch {best.micro_batch} "
-                     f"({best.attn}{', compiled' if best.compile else ''}); goal 50%")
+                     f"({best.attn}{', compiled' if best.compile else ''}{FUSED if best.fused else ''}); goal 50%")
     if seed and "useful_tokens_per_s" in seed and big:
         best_tps = max(p.tokens_per_s for p in big)
         ratio = best_tps / seed["useful_tokens_per_s"]
@@ -449,7 +476,7 @@ def _summary(points: list[Point], seed: dict | None, skipped: list[str]) -> list
         lines.append(f"- seed recipe: {seed.get('error', 'not measured')}")
     if skipped:
         lines.append(f"- not measured within the budget: {', '.join(skipped)}")
-    return lines + stage_ratios(points) + fp8_parity(points)
+    return lines + stage_ratios(points) + fp8_parity(points) + fused_ratios(points)
 
 
 def fp8_parity(points: list[Point]) -> list[str]:
@@ -458,14 +485,37 @@ def fp8_parity(points: list[Point]) -> list[str]:
     lines = []
     for p in points:
         twin = next((q for q in points if q.precision == "bf16" and q.final_loss is not None and
-                     (q.model, q.seq_len, q.attn, q.compile, q.micro_batch, q.zero_stage) ==
-                     (p.model, p.seq_len, p.attn, p.compile, p.micro_batch, p.zero_stage)), None)
+                     (q.model, q.seq_len, q.attn, q.compile, q.micro_batch, q.zero_stage, q.fused) ==
+                     (p.model, p.seq_len, p.attn, p.compile, p.micro_batch, p.zero_stage, p.fused)), None)
         if p.precision != "fp8" or p.final_loss is None or twin is None:
             continue
         lines.append(f"- fp8 against bf16 ({p.model} seq {p.seq_len} micro batch {p.micro_batch}, ZeRO-{p.zero_stage}"
                      f"{', compiled' if p.compile else ''}): loss after the same steps on the same batch "
                      f"{p.final_loss:.4f} against {twin.final_loss:.4f} ({p.final_loss / twin.final_loss - 1:+.2%}); "
                      f"tokens/s {p.tokens_per_s / twin.tokens_per_s:.3f}x")
+    return lines
+
+
+def fused_ratios(points: list[Point]) -> list[str]:
+    """Each fused-projection point against the four-GEMM point of the same setting: tokens/s (on a CPU
+    tokens per CPU-second) and the loss after the same steps on the same batch."""
+    import torch
+
+    gpu = torch.cuda.is_available()
+    lines = []
+    for p in points:
+        setting = (p.model, p.seq_len, p.attn, p.compile, p.micro_batch, p.zero_stage, p.precision)
+        twin = next((q for q in points if not q.fused and q.tokens_per_s and
+                     (q.model, q.seq_len, q.attn, q.compile, q.micro_batch, q.zero_stage, q.precision) == setting),
+                    None)
+        if not p.fused or not p.tokens_per_s or twin is None:
+            continue
+        ratio = p.tokens_per_s / twin.tokens_per_s if gpu else (p.tokens_per_cpu_s or 0) / (twin.tokens_per_cpu_s or 1)
+        measure = "tokens/s" if gpu else "tokens per CPU-second"
+        lines.append(f"- one GEMM for q, k, v, fc1 against four ({p.model} seq {p.seq_len} micro batch {p.micro_batch}"
+                     f", ZeRO-{p.zero_stage}{', compiled' if p.compile else ''}): {measure} {ratio:.3f}x (a fused "
+                     f"layout needs >= 1.03x); loss after the same steps {p.final_loss:.4f} against "
+                     f"{twin.final_loss:.4f}")
     return lines
 
 
@@ -478,7 +528,7 @@ def stage_ratios(points: list[Point]) -> list[str]:
     by: dict[tuple, dict[int, list[float]]] = {}
     for p in points:
         rate = p.tokens_per_s if gpu else p.tokens_per_cpu_s
-        if rate and p.precision != "fp8":
+        if rate and p.precision != "fp8" and not p.fused:
             key = (p.model, p.seq_len, p.attn, p.compile, p.micro_batch, p.precision)
             by.setdefault(key, {}).setdefault(p.zero_stage, []).append(rate)
     lines = []
@@ -512,7 +562,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="then profile the fastest point under torch.profiler: "
                    "shares of the step time by category, and the SDPA backend that ran")
     p.add_argument("--plan", choices=("frontier",), default="", help="frontier: A/B rows at phi-1.5, seq 2048, "
-                   "micro batch 8 (ZeRO 2/0/1, fp8, compile on/off) and the profile, within --budget; no corpus")
+                   "micro batch 8 (ZeRO 2/0/1, fp8, fused q/k/v/fc1, compile on/off) and the profile, within --budget; "
+                   "no corpus")
     p.add_argument("--out", type=Path, default=None, help="also write the report here (default with --plan "
                    "frontier: $OUT/gpu_frontier.md when $OUT is set)")
     p.add_argument("--child-group", help=argparse.SUPPRESS)

@@ -9,6 +9,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from kolm.errors import KolmError
+
 _HASH_BLOCK = 1 << 22
 
 
@@ -72,3 +74,14 @@ def swap_in_directory(tmp: Path, out: Path) -> None:
         os.replace(out, old)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def refuse_output_over_sources(out: str | os.PathLike, *sources: str | os.PathLike) -> None:
+    """Stop before any work if replacing ``out`` would delete a source: ``out`` is one of them or a
+    directory above one (--force replaces the whole directory)."""
+    target = Path(out).resolve()
+    for source in sources:
+        src = Path(source).resolve()
+        if target == src or target in src.parents:
+            raise KolmError(f"--out {out} would replace {source}, which this command reads; choose an --out "
+                            "outside it")

@@ -54,18 +54,21 @@ def test_gpu_bench_refuses_a_malformed_group(tmp_path, groups, message):
 
 def test_gpu_bench_frontier_plan_profiles_and_runs_every_row_on_cpu(tmp_path):
     out = tmp_path / "frontier.md"
-    proc = _gpu_bench(tmp_path, "--plan", "frontier", "--out", str(out), "--budget", "500")
+    proc = _gpu_bench(tmp_path, "--plan", "frontier", "--out", str(out), "--budget", "700")
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     report = out.read_text()
     assert report.strip() in proc.stdout
     assert "CUDA none" in report and "deepspeed 0.19.8" in report  # the versions every table carries
-    rows = [[c.strip() for c in line.split("|")[1:12]] for line in report.splitlines() if line.startswith("| phi-tiny")]
-    # (compiled, ZeRO stage, precision) of every A/B row, in the plan's order
-    assert [(r[3], r[8], r[9]) for r in rows] == [("yes", "2", "fp32"), ("yes", "0", "fp32"), ("yes", "2", "fp8"),
-                                                  ("yes", "1", "fp32"), ("no", "2", "fp32"), ("no", "0", "fp32")]
+    rows = [[c.strip() for c in line.split("|")[1:13]] for line in report.splitlines() if line.startswith("| phi-tiny")]
+    # (compiled, ZeRO stage, precision, q/k/v/fc1 projections) of every A/B row, in the plan's order
+    four, one = "four GEMMs", "one GEMM"
+    assert [(r[3], r[8], r[9], r[10]) for r in rows] == [
+        ("yes", "2", "fp32", four), ("yes", "0", "fp32", four), ("yes", "2", "fp8", four), ("yes", "2", "fp32", one),
+        ("yes", "1", "fp32", four), ("no", "2", "fp32", four), ("no", "0", "fp32", four)]
     assert all(r[5] != "-" for r in rows if r[9] != "fp8")
     fp8 = next(r for r in rows if r[9] == "fp8")
-    assert fp8[5] == "-" and "no CUDA device" in fp8[10]  # refused on CPU, with the reason
+    assert fp8[5] == "-" and "no CUDA device" in fp8[11]  # refused on CPU, with the reason
+    assert "- one GEMM for q, k, v, fc1 against four (phi-tiny seq 64 micro batch 2, ZeRO-2, compiled)" in report
     shares = {line.split("|")[1].strip(): float(line.split("|")[2].strip().rstrip("%"))
               for line in report.splitlines() if line.startswith("| ") and line.rstrip().endswith("% |")}
     assert {"matmul", "attention", "optimizer", "ZeRO gradient copies and buckets", "host gaps and idle"} <= set(shares)

@@ -14,9 +14,11 @@ import time
 
 import pytest
 import torch
+import yaml
 from helpers.cli import run_kolm
 from helpers.dist import run_ranks, train_to_end
 
+from kolm.data.tokenizer import load_tokenizer_info
 from kolm.train.checkpoint import MARKER, complete_checkpoints
 
 pytestmark = pytest.mark.dist
@@ -26,7 +28,9 @@ PROMPT = "밥을 먹고 나면 늘 하는 생각이 있는데"
 @pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
 def run(request, tmp_path_factory, shards, tokenizer_dir):
     root = tmp_path_factory.mktemp(f"zero{request.param}")
-    train_to_end(root, shards, tokenizer_dir, zero_stage=request.param, train_steps=6, save_every=3, eval_every=3)
+    # The ZeRO-3 run sizes its embedding rows to a multiple of 8 (not the default 64): convert must follow.
+    train_to_end(root, shards, tokenizer_dir, zero_stage=request.param, train_steps=6, save_every=3, eval_every=3,
+                 vocab_multiple=64 if request.param == 2 else 8)
     return root
 
 
@@ -50,6 +54,9 @@ def test_converted_model_matches_engine_and_generates_offline(run, tmp_path):
     assert "verified" in proc.stdout
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= {
         p.name for p in out.iterdir()}
+    multiple = yaml.safe_load((run / "recipe.yaml").read_text())["vocab_multiple"]
+    vocab = load_tokenizer_info(out).vocab_size
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == -(-vocab // multiple) * multiple
 
     script = tmp_path / "engine_logits.py"
     script.write_text(ENGINE_LOGITS)
@@ -170,6 +177,11 @@ def test_bad_inputs_are_clear_errors(run, tmp_path, korean_corpus):
     run_kolm("tokenizer", "train", "--input", korean_corpus, "--vocab-size", 700, "--out", other, check=True)
     r = run_kolm("convert", run / "run", "--out", tmp_path / "c", "--tokenizer", other)
     assert r.returncode == 2 and "does not match the model's" in r.stderr
+
+    for over in (run / "run", run / "run" / "checkpoints"):  # --force must not delete what it converts
+        r = run_kolm("convert", run / "run", "--out", over, "--force")
+        assert r.returncode == 2 and "which this command reads" in r.stderr, r.stderr[-2000:]
+        assert (ckpt_dir / "global_step6" / MARKER).is_file()
 
     existing = tmp_path / "exists"
     existing.mkdir()

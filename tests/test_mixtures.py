@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.cli import run_kolm
-from helpers.dist import Ranks, run_ranks, train_records, wait_for, write_recipe
+from helpers.dist import kill_at_step, run_ranks, train_records, write_recipe
 
 from kolm.data.corpus import bundled_corpus_files
 from kolm.data.shard import ShardOptions, run_shard
@@ -93,9 +93,7 @@ def test_each_source_is_evaluated_on_its_own_and_together(blend_run):
 def test_a_blend_resumes_after_sigkill_bit_for_bit_and_on_one_rank_takes_the_same_samples(tmp_path, blend_run):
     reference, recipe, _ = blend_run
     run_dir = tmp_path / "run"
-    ranks = Ranks(2, recipe, f"run_dir={run_dir}", log_dir=tmp_path / "killed")
-    wait_for(lambda: len(train_records(run_dir)) >= 6, 300, "step 6")
-    ranks.freeze_and_kill()
+    kill_at_step(recipe, run_dir, 6, f"run_dir={run_dir}", log_dir=tmp_path / "killed")
     codes, out = run_ranks(2, recipe, f"run_dir={run_dir}", log_dir=tmp_path / "resumed")
     assert codes == [0, 0] and re.search(r"resuming from global_step(4|8):", out), out[-3000:]
     assert _losses(run_dir) == _losses(reference)

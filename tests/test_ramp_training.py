@@ -11,7 +11,7 @@ import sys
 
 import pytest
 from helpers.cli import run_kolm
-from helpers.dist import Ranks, run_ranks, train_records, wait_for, write_recipe
+from helpers.dist import kill_at_step, run_ranks, train_records, write_recipe
 
 from kolm.train.rampup import BatchSchedule
 
@@ -58,9 +58,7 @@ def test_the_run_follows_the_ramp_and_logs_each_steps_batch(ramp_run):
 def test_a_sigkill_mid_ramp_resumes_bit_for_bit(tmp_path, ramp_run):
     reference, recipe = ramp_run
     run_dir = tmp_path / "run"
-    ranks = Ranks(2, recipe, f"run_dir={run_dir}", log_dir=tmp_path / "killed")
-    wait_for(lambda: len(train_records(run_dir)) >= 8, 600, "step 8")
-    ranks.freeze_and_kill()
+    kill_at_step(recipe, run_dir, 8, f"run_dir={run_dir}", log_dir=tmp_path / "killed")
     codes, out = run_ranks(2, recipe, f"run_dir={run_dir}", log_dir=tmp_path / "resumed")
     assert codes == [0, 0], out[-3000:]
     assert "resuming from global_step6: step 6, 48 samples consumed" in out

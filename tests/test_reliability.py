@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.dist import Ranks, free_port, run_ranks, train_records, wait_for, workers_of, write_recipe
+from helpers.dist import Ranks, free_port, kill_at_step, run_ranks, train_records, wait_for, workers_of, write_recipe
 
 from kolm.train.runlock import HOLDER, LOCK
 
@@ -67,9 +67,7 @@ def test_a_killed_run_never_blocks_the_rerun(tmp_path, reference_run, shards, to
     reference, _ = reference_run
     run_dir = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", shards, tokenizer_dir, run_dir)
-    killed = Ranks(2, recipe, log_dir=tmp_path / "killed")
-    wait_for(lambda: len(train_records(run_dir)) >= 5, 300, "step 5")
-    killed.freeze_and_kill()
+    kill_at_step(recipe, run_dir, 5, log_dir=tmp_path / "killed")
     assert (run_dir / HOLDER).is_file()  # left behind by the dead holder; the kernel dropped its lock
     codes, out = run_ranks(2, recipe, log_dir=tmp_path / "rerun")
     assert codes == [0, 0], out[-3000:]

@@ -10,7 +10,7 @@ import re
 
 import pytest
 from helpers.cli import run_kolm
-from helpers.dist import Ranks, run_ranks, train_records, wait_for, write_recipe
+from helpers.dist import kill_at_step, run_ranks, train_records, write_recipe
 
 from kolm.train.wandb_log import STATE, history
 
@@ -23,9 +23,7 @@ def test_a_killed_and_resumed_run_logs_every_step_once_to_one_wandb_run(tmp_path
     reference, _ = reference_run
     run_dir = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", shards, tokenizer_dir, run_dir, **WANDB)
-    ranks = Ranks(2, recipe, log_dir=tmp_path / "first")
-    wait_for(lambda: len(train_records(run_dir)) >= 6, 300, "step 6")
-    ranks.freeze_and_kill()
+    kill_at_step(recipe, run_dir, 6, log_dir=tmp_path / "first")
     run_id = json.loads((run_dir / STATE).read_text())["id"]
     codes, out = run_ranks(2, recipe, log_dir=tmp_path / "resumed")
     assert codes == [0, 0] and re.search(r"resuming from global_step(4|8):", out), out[-3000:]

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 from helpers.cli import run_kolm
-from helpers.dist import Ranks, free_port, run_ranks, train_records, wait_for, write_recipe
+from helpers.dist import Ranks, free_port, kill_at_step, run_ranks, train_records, wait_for, write_recipe
 
 from kolm.train.checkpoint import MARKER, complete_checkpoints
 from kolm.train.signals import EXIT_REQUEUE
@@ -63,10 +63,8 @@ def test_zero_stage_trains_under_a_launcher_and_loss_falls(tmp_path, shards, tok
 def test_resume_after_sigkill_matches_uninterrupted_run_bitwise(tmp_path, shards, tokenizer_dir, reference):
     run_dir = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", shards, tokenizer_dir, run_dir)
-    ranks = Ranks(2, recipe, log_dir=tmp_path / "logs1")
     # Kill hard once step 6 is logged: global_step4 is complete, steps 5-6 are lost work.
-    wait_for(lambda: len(train_records(run_dir)) >= 6, 600, "step 6")
-    ranks.freeze_and_kill()
+    kill_at_step(recipe, run_dir, 6, log_dir=tmp_path / "logs1")
     assert (run_dir / "checkpoints" / "global_step4" / MARKER).is_file()
     codes, out = run_ranks(2, recipe, log_dir=tmp_path / "logs2")
     assert codes == [0, 0], out[-3000:]

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 from helpers.cli import run_kolm
-from helpers.dist import Ranks, run_ranks, train_records, train_to_end, wait_for, write_recipe
+from helpers.dist import kill_at_step, run_ranks, train_records, train_to_end, write_recipe
 
 from kolm.train.checkpoint import MARKER, complete_checkpoints, consolidated_state_dict
 
@@ -37,9 +37,7 @@ def test_stage0_trains_and_resumes_after_sigkill_bitwise(tmp_path, shards, token
     assert all(norm > 0 for *_, norm in ref)  # the gradient norm is measured in fp32 too (kolm.train.plain_dp)
     run_dir = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", shards, tokenizer_dir, run_dir, precision=precision, **STAGE0)
-    ranks = Ranks(2, recipe, log_dir=tmp_path / "logs1")
-    wait_for(lambda: len(train_records(run_dir)) >= 6, 600, "step 6")
-    ranks.freeze_and_kill()
+    kill_at_step(recipe, run_dir, 6, log_dir=tmp_path / "logs1")
     assert (run_dir / "checkpoints" / "global_step4" / MARKER).is_file()
     codes, out = run_ranks(2, recipe, log_dir=tmp_path / "logs2")
     assert codes == [0, 0], out[-3000:]

@@ -16,7 +16,7 @@ from kolm.data.clean_config import PII_TOKENS
 from kolm.data.corpus import Decoder, check_documents, find_inputs, iter_chunks, plan_units
 from kolm.data.jobs import check_at_least, check_out_dir
 from kolm.errors import KolmError
-from kolm.files import sha256_file
+from kolm.files import refuse_output_over_sources, sha256_file
 
 EOS = "<|endoftext|>"
 MIN_VOCAB = 512
@@ -179,7 +179,7 @@ def train_tokenizer(
         raise KolmError(f"--vocab-size {vocab_size} is too small: use at least {MIN_VOCAB}")
     check_at_least("--min-frequency", min_frequency)
     check_at_least("--max-documents", max_documents)
-    refuse_existing_output(out, force)
+    refuse_existing_output(out, force, *inputs)
     stream = TrainingStream(inputs, text_field, skip_malformed, max_documents, documents)
     tok, trainer = _bpe(vocab_size, min_frequency, progress)
     tok.train_from_iterator(iter(stream), trainer=trainer)
@@ -197,8 +197,10 @@ def train_tokenizer(
                            stream.stats["malformed_skipped"])
 
 
-def refuse_existing_output(out: Path, force: bool) -> None:
-    """Stop before any work if ``out`` holds something that --force has not allowed us to replace."""
+def refuse_existing_output(out: Path, force: bool, *sources: str | os.PathLike) -> None:
+    """Stop before any work if ``out`` holds something that --force has not allowed us to replace, or
+    if replacing it would delete one of the ``sources`` the command reads."""
+    refuse_output_over_sources(out, *sources)
     check_out_dir(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise KolmError(f"{out} already exists and is not empty; choose another --out or pass --force")

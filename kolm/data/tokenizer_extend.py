@@ -442,7 +442,7 @@ def extend_tokenizer(
         raise KolmError(f"--add {add}: give the number of tokens to add (at least 1)")
     check_at_least("--min-frequency", min_frequency)
     check_at_least("--max-documents", max_documents)
-    refuse_existing_output(out, force)
+    refuse_existing_output(out, force, base, *inputs)
     source = _load_base(base)
     stream = TrainingStream(inputs, text_field, skip_malformed, max_documents, documents)
     words = Counter(word for text in stream for word in _korean_words(source, text))

@@ -22,7 +22,7 @@ from kolm.data.tokenizer import load_tokenizer_info
 from kolm.errors import KolmError
 from kolm.export.average import average_weights, check_same_run, select_checkpoints
 from kolm.export.generate import SEED_PROMPT, GenerationSettings
-from kolm.files import swap_in_directory
+from kolm.files import refuse_output_over_sources, swap_in_directory
 from kolm.log import say
 from kolm.model.phi import phi_from_state_dict
 from kolm.model.presets import padded_vocab, untie_padding
@@ -43,12 +43,13 @@ def model_from_state_dict(config_dict: dict, state: dict[str, torch.Tensor]):
         raise KolmError(f"checkpoint {e}") from None
 
 
-def check_tokenizer_fits(tokenizer_dir: Path, config_dict: dict, exact_rows: bool = True) -> None:
+def check_tokenizer_fits(tokenizer_dir: Path, config_dict: dict, exact_rows: bool = True,
+                         vocab_multiple: int = 64) -> None:
     """The tokenizer must fit the rows; a model kolm sized itself (no init_from) has exactly its
-    tokenizer's vocabulary rounded up."""
+    tokenizer's vocabulary rounded up to the run's ``vocab_multiple``."""
     info = load_tokenizer_info(tokenizer_dir)
     rows = config_dict["vocab_size"]
-    if info.vocab_size > rows or (exact_rows and padded_vocab(info.vocab_size) != rows):
+    if info.vocab_size > rows or (exact_rows and padded_vocab(info.vocab_size, vocab_multiple) != rows):
         raise KolmError(
             f"{tokenizer_dir}: vocabulary of {info.vocab_size} tokens does not match the model's {rows} "
             "embedding rows; pass the tokenizer the model was trained with (--tokenizer)"
@@ -89,7 +90,9 @@ def convert(src: str, out: str, tag: str | None = None, best: bool = False, dtyp
     ckpt, averaging = ckpts[0], bool(average or tags)
     config_dict = {**exported_config(ckpt), "kolm": training_settings(ckpt, ckpts if averaging else None)}
     tok_dir = Path(tokenizer or ckpt.marker["tokenizer"])
-    check_tokenizer_fits(tok_dir, config_dict, exact_rows=not ckpt.marker.get("init_from"))
+    refuse_output_over_sources(out_path, *(c.path for c in ckpts), tok_dir)
+    check_tokenizer_fits(tok_dir, config_dict, exact_rows=not ckpt.marker.get("init_from"),
+                         vocab_multiple=ckpt.marker.get("run_config", {}).get("vocab_multiple", 64))
     say(f"converting the average of {', '.join(c.tag for c in ckpts)} ({dtype})" if averaging else
         f"converting {ckpt.path} ({dtype})")
     state = average_weights(ckpts) if averaging else checkpoint.consolidated_state_dict(ckpt)

@@ -22,7 +22,7 @@ import torch
 
 from kolm.data.tokenizer_extend import read_extension
 from kolm.errors import KolmError
-from kolm.files import swap_in_directory
+from kolm.files import refuse_output_over_sources, swap_in_directory
 from kolm.log import say
 from kolm.model.presets import padded_vocab
 from kolm.model.pretrained import PretrainedPhi, read_pretrained
@@ -117,6 +117,7 @@ def expand_model(model_dir: str, tokenizer_dir: str, out: str, vocab_multiple: i
                  force: bool = False) -> ExpansionReport:
     """Write ``out``: the model of ``model_dir`` with rows for every token of ``tokenizer_dir``."""
     out_path, ext_dir = Path(out), Path(tokenizer_dir)
+    refuse_output_over_sources(out_path, model_dir, tokenizer_dir)
     if out_path.exists() and not force:
         raise KolmError(f"{out_path} already exists; choose another --out or pass --force to replace it")
     if vocab_multiple < 1:

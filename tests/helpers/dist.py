@@ -112,6 +112,14 @@ def train_to_end(root: Path, shards: Path, tokenizer: Path, **overrides) -> Path
     return recipe
 
 
+def kill_at_step(recipe: Path, run_dir: Path, step: int, *overrides: str, log_dir: Path,
+                 timeout: float = 600) -> None:
+    """Start 2 ranks and SIGKILL them all (frozen first) once ``step`` is in ``run_dir``'s metrics."""
+    ranks = Ranks(2, recipe, *overrides, log_dir=log_dir)
+    wait_for(lambda: len(train_records(run_dir)) >= step, timeout, f"step {step}")
+    ranks.freeze_and_kill()
+
+
 def train_records(run_dir: Path, kind: str = "train") -> list[dict]:
     if not (run_dir / "metrics.jsonl").is_file():
         return []
