@@ -1,0 +1,31 @@
+"""Evaluation during training when the validation windows do not split evenly over the ranks:
+under ZeRO-3 every forward gathers parameters from every rank, so each rank must run the same
+number of forwards, and each window must still be scored exactly once."""
+
+from __future__ import annotations
+
+import pytest
+from helpers.dist import run_ranks, train_records, write_recipe
+
+
+@pytest.mark.dist
+# With micro batch 2 on 2 ranks: 1 window is one batch, on rank 0 (rank 1 has none); 5 windows are
+# batches of 2, 2 and 1 windows, two of them on rank 0.
+@pytest.mark.parametrize("windows", [1, 5])
+def test_zero3_evaluation_of_an_uneven_split_finishes_and_scores_each_window_once(tmp_path, shards, tokenizer_dir,
+                                                                                  windows):
+    run_dir = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", shards, tokenizer_dir, run_dir, zero_stage=3, precision="fp32",
+                          train_steps=2, eval_every=2, save_every=2, eval_samples=windows, hang_timeout=180)
+    codes, out = run_ranks(2, recipe, log_dir=tmp_path / "logs", timeout=900)
+    assert codes == [0, 0], out[-3000:]
+    (record,) = train_records(run_dir, "eval")
+    assert record["eval_tokens"] == windows * 64
+
+    from kolm.export.evaluate import evaluate_model
+
+    # The same checkpoint scored on one process (fp32 both times) over the same windows.
+    alone = evaluate_model(str(run_dir), str(shards), max_samples=windows, micro_batch=2)
+    assert alone.eval_tokens == record["eval_tokens"]
+    assert record["eval_loss"] == pytest.approx(alone.eval_loss, rel=1e-4)
+    assert record["eval_accuracy"] == pytest.approx(alone.eval_accuracy, abs=1.5 / alone.eval_tokens)
