@@ -13,11 +13,11 @@ from kolm.train.checkpoint import best_checkpoint
 
 
 @pytest.mark.dist
-# With micro batch 2 on 2 ranks: 1 window is one batch, on rank 0 (rank 1 has none); 5 windows are
-# batches of 2, 2 and 1 windows, two of them on rank 0.
-@pytest.mark.parametrize("windows", [1, 5])
-def test_zero3_evaluation_of_an_uneven_split_finishes_and_scores_each_window_once(tmp_path, shards, tokenizer_dir,
-                                                                                  windows):
+# With micro batch 2 on 2 ranks, 1 window is one batch, on rank 0: rank 1 has none, so before a padding
+# forward its partner waited forever in ZeRO-3's parameter gather. (The split's other layouts, each window
+# counted once, are unit-tested in tests/test_packed.py.)
+def test_zero3_evaluation_of_an_uneven_split_finishes_and_scores_each_window_once(tmp_path, shards, tokenizer_dir):
+    windows = 1
     run_dir = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", shards, tokenizer_dir, run_dir, zero_stage=3, precision="fp32",
                           train_steps=2, eval_every=2, save_every=2, eval_samples=windows, hang_timeout=180)
