@@ -39,7 +39,7 @@ ENGINE_LOGITS = textwrap.dedent("""
     from kolm.train.config import load_config
     from kolm.train.loop import Trainer
     t = Trainer(load_config(sys.argv[1]))
-    x = torch.from_numpy(next(iter(t.setup.valid.values())).eval_batches(2, 0, 1).__next__())
+    x = torch.from_numpy(next(next(iter(t.setup.valid.values())).eval_batches(2, 0, 1))[0])
     with torch.no_grad():
         logits = t.engine(input_ids=x[:, :-1].to(t.device)).logits.float()
     if t.setup.env.rank == 0:

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kolm.data.indexed import open_tokens
-from kolm.data.packed import PackedDataset, check_batch_layout
+from kolm.data.packed import PackedDataset, check_batch_layout, eval_split
 from kolm.data.shard import ShardOptions, run_shard
 from kolm.errors import KolmError
 
@@ -86,8 +86,34 @@ def test_epochs_follow_one_another(dataset):
 
 def test_eval_batches_cover_every_window_once(shards):
     ds = PackedDataset(shards, "valid", 8)
-    seen = [tuple(w) for r in range(3) for b in ds.eval_batches(4, r, 3) for w in b]
+    batches = [list(ds.eval_batches(4, r, 3)) for r in range(3)]
+    assert len({len(b) for b in batches}) == 1  # the same number of forwards on every rank
+    seen = [tuple(w) for rank in batches for b, scored in rank if scored for w in b]
     assert sorted(seen) == sorted(tuple(ds.window(i)) for i in range(ds.num_samples))
+    padding = [b for rank in batches for b, scored in rank if not scored]
+    assert all(b.shape == (1, 9) for b in padding)
+    rounds, real = -(-ds.num_samples // 12), -(-ds.num_samples // 4)
+    assert len(padding) == 3 * rounds - real
+
+
+@pytest.mark.parametrize(("windows", "micro", "world"),
+                         [(100, 4, 8), (4, 4, 8), (5, 2, 2), (32, 2, 2), (1, 3, 4), (17, 1, 3), (64, 4, 8), (0, 2, 2),
+                          (9, 4, 1)])
+def test_eval_split_gives_every_rank_as_many_batches_and_each_window_once(windows, micro, world):
+    split = [eval_split(windows, micro, r, world) for r in range(world)]
+    assert len({len(batches) for batches in split}) == 1
+    counted = sorted(i for batches in split for b in batches for i in b)
+    assert counted == list(range(windows))
+    assert all(len(b) <= micro for batches in split for b in batches)
+    if windows % (micro * world) == 0:  # an even layout: rank r's every world-th batch, no padding
+        for r, batches in enumerate(split):
+            starts = range(r * micro, windows, world * micro)
+            assert batches == [range(s, s + micro) for s in starts]
+
+
+def test_eval_batches_of_no_window_yield_nothing(shards):
+    ds = PackedDataset(shards, "valid", 8)
+    assert list(ds.eval_batches(2, 0, 2, max_samples=0)) == list(ds.eval_batches(2, 1, 2, max_samples=-3)) == []
 
 
 def test_fingerprint_names_data_and_layout(dataset, shards):

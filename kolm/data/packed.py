@@ -126,12 +126,28 @@ class PackedDataset:
 
     def eval_batches(
         self, micro_batch: int, dp_rank: int, dp_world: int, max_samples: int | None = None
-    ) -> Iterator[np.ndarray]:
-        """Windows in stream order (no shuffle), rank ``r`` taking every ``dp_world``-th batch."""
-        n = self.num_samples if max_samples is None else min(max_samples, self.num_samples)
-        starts = range(dp_rank * micro_batch, n, dp_world * micro_batch)
-        for s in starts:
-            yield np.stack([self.window(i) for i in range(s, min(s + micro_batch, n))])
+    ) -> Iterator[tuple[np.ndarray, bool]]:
+        """``(windows, scored)`` for this rank: the windows of :func:`eval_split` in stream order (no
+        shuffle); a padding batch (``scored`` False) holds window 0, to be run but not counted."""
+        n = self.num_samples if max_samples is None else min(max(max_samples, 0), self.num_samples)
+        for windows in eval_split(n, micro_batch, dp_rank, dp_world):
+            if windows:
+                yield np.stack([self.window(i) for i in windows]), True
+            else:
+                yield self.window(0)[None], False
+
+
+def eval_split(windows: int, micro_batch: int, dp_rank: int, dp_world: int) -> list[range]:
+    """The windows behind each of rank ``dp_rank``'s evaluation batches: rank ``r`` takes every
+    ``dp_world``-th batch of ``micro_batch`` windows, and every rank gets the same number of
+    batches, a rank short of one an empty range (a padding batch). Under ZeRO-3 each forward gathers
+    the parameters from all ranks, so a rank with one forward more would wait for the others forever."""
+    if min(micro_batch, dp_world) < 1 or not 0 <= dp_rank < dp_world:
+        raise KolmError(f"no evaluation layout for micro batch {micro_batch}, rank {dp_rank} of {dp_world}")
+    stride = micro_batch * dp_world
+    rounds = -(-max(windows, 0) // stride)
+    starts = (k * stride + dp_rank * micro_batch for k in range(rounds))
+    return [range(min(s, windows), min(s + micro_batch, windows)) for s in starts]
 
 
 def rank_batches(samples: Callable[[int, int], np.ndarray], consumed_samples: int, global_batch: int,

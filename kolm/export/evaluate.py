@@ -68,6 +68,7 @@ def evaluate_model(source: str, data: str, split: str = "valid", seq_len: int | 
                    attention: str | None = None) -> EvalReport:
     """Score a model on a shard split with the metric code training uses (``attention``: as the
     model was trained, unless given)."""
+    check_eval_options(micro_batch, max_samples)
     loaded = load_model(source, tag)
     tok = load_tokenizer_info(loaded.tokenizer)
     check_tokenizer(load_shard_dir(data), tok.fingerprint(), str(loaded.tokenizer))
@@ -79,9 +80,18 @@ def evaluate_model(source: str, data: str, split: str = "valid", seq_len: int | 
     dataset = PackedDataset(data, split, seq_len)
     totals = EvalTotals()
     with torch.no_grad():
-        for batch in dataset.eval_batches(micro_batch, 0, 1, max_samples):
+        for batch, _ in dataset.eval_batches(micro_batch, 0, 1, max_samples):  # one rank: never padding
             x = torch.from_numpy(batch)
             kw = document_inputs(x[:, :-1], tok.eos_id, "sdpa", torch.float32) if attention == "document" else {}
             totals.add(*token_stats(loaded.model(input_ids=x[:, :-1], use_cache=False, **kw).logits, x[:, 1:]))
     windows = min(max_samples or dataset.num_samples, dataset.num_samples)
     return EvalReport(split, seq_len, windows, attention, **totals.summary())
+
+
+def check_eval_options(micro_batch: int, max_samples: int | None) -> None:
+    """Refuse a micro batch or a window count that cannot score a single token."""
+    if micro_batch < 1:
+        raise KolmError(f"--micro-batch must be at least 1 (windows per forward pass), got {micro_batch}")
+    if max_samples is not None and max_samples < 1:
+        raise KolmError(f"--max-samples must be at least 1 window, got {max_samples}; leave it out to evaluate "
+                        "every window of the split")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kolm.errors import KolmError
 from kolm.model.flops import CHUNK_ELEMENTS
 
 
@@ -132,10 +133,14 @@ class EvalTotals:
         return EvalTotals(*t.tolist())
 
     def summary(self) -> dict:
-        loss = self.loss_sum / max(self.tokens, 1)
+        """Loss, perplexity and accuracy; an evaluation over no token has none (not loss 0)."""
+        if self.tokens < 1:
+            raise KolmError("the evaluation scored 0 tokens, so it has no loss, perplexity or accuracy; "
+                            "evaluate at least one window")
+        loss = self.loss_sum / self.tokens
         return {
             "eval_loss": loss,
             "eval_perplexity": math.exp(min(loss, 50.0)),
-            "eval_accuracy": self.correct / max(self.tokens, 1),
+            "eval_accuracy": self.correct / self.tokens,
             "eval_tokens": int(self.tokens),
         }

@@ -44,7 +44,7 @@ def train(cfg: RunConfig, stop: GracefulStop | None = None, on_hang: Callable[[]
     t = None
     try:
         t = Trainer(cfg, on_hang)
-        if cfg.eval_at_start and t.state.step == 0:
+        if cfg.eval_at_start and t.state.step == 0 and t.setup.valid:
             t.evaluate()
         while not t.done:
             loss = t.train_step()
@@ -254,13 +254,17 @@ class Trainer:
                     say(f"{name}: epoch {now}")
             self.epochs = epochs
 
-    def evaluate(self) -> float:
-        """Loss, perplexity and next-token accuracy on the validation split, written as a record."""
+    def evaluate(self) -> float | None:
+        """Loss, perplexity and next-token accuracy on the validation split, written as a record;
+        None (nothing written) when it scored no token."""
         self.flush_metrics(timed=True)
         env = self.setup.env
         self.hang.phase = "eval"
         metrics = evaluation.evaluate(self.engine, self.setup.valid, self.cfg.micro_batch, env.rank, env.world_size,
                                       self.cfg.eval_samples, self._eval_batch, self.inputs)
+        if metrics is None:
+            self.window.restart_clock()
+            return None
         loss = metrics["eval_loss"]
         if self.state.best_eval_loss is None or loss < self.state.best_eval_loss:
             self.state.best_eval_loss = loss
