@@ -279,3 +279,40 @@ def test_text_keys_keep_what_was_written_and_bad_yaml_names_the_key(tmp_path):
         load_config(None, [*BASE, "lr=@1"])
     with pytest.raises(KolmError, match="`model_overrides.hidden_size` is not valid YAML"):
         load_config(None, [*BASE, "model_overrides.hidden_size=[1"])
+
+
+def _resume_setup(tmp_path, data, tokenizer, *overrides):
+    """A config and its setup on ``data``, for the resume checks (a ramp, so run lengths are in ramped steps)."""
+    from kolm.train.setup import prepare
+
+    cfg = load_config(None, [f"data={data}", f"tokenizer={tokenizer}", f"run_dir={tmp_path / 'run'}",
+                             "model=phi-tiny", "seq_len=64", "global_batch=8", "micro_batch=2",
+                             "rampup_batch_size=[4, 2, 40]", "warmup_steps=2", "epochs=2", *overrides])
+    return cfg, prepare(cfg)
+
+
+def test_changed_data_keeps_the_run_length_of_an_epochs_run(tmp_path, shards, second_shards, tokenizer_dir):
+    from helpers.marker import write_marker
+
+    from kolm.train.checkpoint import find_resume
+    from kolm.train.resume import check_resumable
+
+    old_cfg, old = _resume_setup(tmp_path, shards, tokenizer_dir)
+    write_marker(tmp_path / "run", old_cfg, old, step=5)
+    ckpt = find_resume(tmp_path / "run" / "checkpoints")
+    cfg, setup = _resume_setup(tmp_path, second_shards, tokenizer_dir)
+    assert setup.total_steps < old.total_steps  # epochs of the smaller data
+    with pytest.raises(KolmError, match="was trained on different data"):
+        check_resumable(ckpt, cfg, setup)
+    cfg, setup = _resume_setup(tmp_path, second_shards, tokenizer_dir, "ignore_data_fingerprint=true")
+    check_resumable(ckpt, cfg, setup)
+    assert (setup.total_steps, setup.lr) == (old.total_steps, old.lr)  # the length and the decay it began with
+    full = old.lr.total // 8
+    cfg, setup = _resume_setup(tmp_path, second_shards, tokenizer_dir, "ignore_data_fingerprint=true",
+                               f"train_steps={full + 1}")
+    with pytest.raises(KolmError, match=rf"total steps {old.total_steps} vs .*train_steps={full}\)") as caught:
+        check_resumable(ckpt, cfg, setup)  # a length asked for explicitly is not overridden
+    assert "would override" not in str(caught.value)
+    cfg, setup = _resume_setup(tmp_path, shards, tokenizer_dir, "epochs=3")  # same data, another length
+    with pytest.raises(KolmError, match=rf"total steps {old.total_steps} vs {setup.total_steps}.*train_steps={full}"):
+        check_resumable(ckpt, cfg, setup)
