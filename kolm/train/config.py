@@ -25,7 +25,6 @@ ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
 WANDB_MODES = ("", "online", "offline", "disabled")
 
 
-
 @dataclass(frozen=True)
 class Bound:
     """The range a numeric key may take; ``meaning`` says what an edge value does."""
