@@ -196,3 +196,123 @@ def test_zero_stage_0_builds_the_plain_data_parallel_config():
     cfg = load_config(None, [*BASE, "zero_stage=0"])
     ds = dsconfig.build(cfg, dp_world=1, grad_accum=cfg.global_batch // cfg.micro_batch, on_cpu=True)
     assert ds["zero_optimization"] == {"stage": 0} and ds["gradient_clipping"] == cfg.grad_clip
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("adam_beta1=1.5", r"`adam_beta1` must be in \[0, 1\), got 1.5"),
+        ("adam_beta2=1", r"`adam_beta2` must be in \[0, 1\), got 1.0"),
+        ("adam_eps=-1", "`adam_eps` must be > 0, got -1.0"),
+        ("adam_eps=0", "`adam_eps` must be > 0, got 0.0"),
+        ("weight_decay=-3", "`weight_decay` must be >= 0, got -3.0"),
+        ("grad_clip=-1", r"`grad_clip` must be >= 0 \(0: no clipping\), got -1.0"),
+        ("seed=-1", r"`seed` must be in \[0, 4294967295\], got -1"),
+        ("eval_samples=-5", r"`eval_samples` must be >= 0 \(0: the whole validation split\), got -5"),
+        ("lr=0", "`lr` must be > 0, got 0.0"),
+        ("lr=nan", "`lr` must be > 0, got nan"),
+        ("epochs=.inf", "`epochs` must be > 0, got inf"),
+        ("warmup_steps=-1", "`warmup_steps` must be >= 0, got -1"),
+        ("train_steps=-2", "`train_steps` must be >= 0 .*, got -2"),
+        ("hang_timeout=-1", "`hang_timeout` must be >= 0 .*, got -1.0"),
+        ("keep_checkpoints=0", "`keep_checkpoints` must be >= 1, got 0"),
+    ],
+)
+def test_out_of_range_numbers_are_refused_naming_the_key(override, message):
+    with pytest.raises(KolmError, match=message) as caught:
+        load_config(None, [*BASE, override])
+    assert caught.value.exit_code == 2
+
+
+def test_every_numeric_key_has_a_bound_its_default_keeps():
+    from dataclasses import fields
+
+    from kolm.train.config import BOUNDS
+
+    numeric = {f.name for f in fields(RunConfig) if f.type in ("int", "float")}
+    assert numeric - {"zero_stage"} == set(BOUNDS)
+    defaults = RunConfig()
+    assert all(bound.holds(getattr(defaults, name)) for name, bound in BOUNDS.items())
+    assert load_config(None, [*BASE, "grad_clip=0", "eval_samples=0", "seed=0"]).grad_clip == 0  # 0: off
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model_overrides.hidden_size=abc", "`model_overrides.hidden_size` must be a positive integer, got 'abc'"),
+        ("model_overrides.num_attention_heads=0", "`model_overrides.num_attention_heads` must be a positive integer"),
+        ("model_overrides.num_hidden_layers=0", "`model_overrides.num_hidden_layers` must be a positive integer"),
+        ("model_overrides.intermediate_size=2.5", "`model_overrides.intermediate_size` must be a positive integer"),
+        ("model_overrides.partial_rotary_factor=1.5", r"`model_overrides.partial_rotary_factor` must be a number in"),
+        ("model_overrides.layer_norm_eps=-1", "`model_overrides.layer_norm_eps` must be a positive number"),
+        ("model_overrides.heads=4", "unknown model field.* heads in model_overrides"),
+    ],
+)
+def test_bad_model_overrides_are_refused_naming_the_field(override, message):
+    with pytest.raises(KolmError, match=message):
+        load_config(None, [*BASE, override])
+
+
+def test_model_overrides_are_typed_and_checked_against_the_shape():
+    cfg = load_config(None, [*BASE, "model_overrides.layer_norm_eps=1e-6", "model_overrides.partial_rotary_factor=1"])
+    assert cfg.model_overrides == {"layer_norm_eps": 1e-6, "partial_rotary_factor": 1.0}
+    assert get_shape("phi-tiny", **cfg.model_overrides).layer_norm_eps == 1e-6
+    with pytest.raises(KolmError, match="gives 5 rotary dimensions; rotary embeddings need an even number"):
+        get_shape("phi-tiny", partial_rotary_factor=0.3125)  # head_dim 16
+    with pytest.raises(KolmError, match="gives 0 rotary dimensions"):
+        get_shape("phi-tiny", partial_rotary_factor=0.05)
+    with pytest.raises(KolmError, match="hidden_act 'gelu_newer' is not an activation"):
+        get_shape("phi-tiny", hidden_act="gelu_newer")
+    assert all(get_shape(name) == shape for name, shape in PRESETS.items())
+
+
+def test_text_keys_keep_what_was_written_and_bad_yaml_names_the_key(tmp_path):
+    cfg = load_config(None, [*BASE, "wandb_name=0123", "run_dir=@scratch/x", "wandb_project=1e3"])
+    assert (cfg.wandb_name, cfg.run_dir, cfg.wandb_project) == ("0123", "@scratch/x", "1e3")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("wandb_name: 0123\nwandb_mode: off\ndata: 007\ntokenizer: /t\nrun_dir: /r\n")
+    with pytest.raises(KolmError, match="`wandb_mode` must be online, offline, disabled or empty, got 'off'"):
+        load_config(recipe)
+    cfg = load_config(recipe, ["wandb_mode=offline", "trainable=[layers]"])
+    assert (cfg.wandb_name, cfg.data, cfg.trainable) == ("0123", "007", ["layers"])
+    with pytest.raises(KolmError, match="override `lr=@1`: the value of `lr` is not valid YAML .*; give a number"):
+        load_config(None, [*BASE, "lr=@1"])
+    with pytest.raises(KolmError, match="`model_overrides.hidden_size` is not valid YAML"):
+        load_config(None, [*BASE, "model_overrides.hidden_size=[1"])
+
+
+def _resume_setup(tmp_path, data, tokenizer, *overrides):
+    """A config and its setup on ``data``, for the resume checks (a ramp, so run lengths are in ramped steps)."""
+    from kolm.train.setup import prepare
+
+    cfg = load_config(None, [f"data={data}", f"tokenizer={tokenizer}", f"run_dir={tmp_path / 'run'}",
+                             "model=phi-tiny", "seq_len=64", "global_batch=8", "micro_batch=2",
+                             "rampup_batch_size=[4, 2, 40]", "warmup_steps=2", "epochs=2", *overrides])
+    return cfg, prepare(cfg)
+
+
+def test_changed_data_keeps_the_run_length_of_an_epochs_run(tmp_path, shards, second_shards, tokenizer_dir):
+    from helpers.marker import write_marker
+
+    from kolm.train.checkpoint import find_resume
+    from kolm.train.resume import check_resumable
+
+    old_cfg, old = _resume_setup(tmp_path, shards, tokenizer_dir)
+    write_marker(tmp_path / "run", old_cfg, old, step=5)
+    ckpt = find_resume(tmp_path / "run" / "checkpoints")
+    cfg, setup = _resume_setup(tmp_path, second_shards, tokenizer_dir)
+    assert setup.total_steps < old.total_steps  # epochs of the smaller data
+    with pytest.raises(KolmError, match="was trained on different data"):
+        check_resumable(ckpt, cfg, setup)
+    cfg, setup = _resume_setup(tmp_path, second_shards, tokenizer_dir, "ignore_data_fingerprint=true")
+    check_resumable(ckpt, cfg, setup)
+    assert (setup.total_steps, setup.lr) == (old.total_steps, old.lr)  # the length and the decay it began with
+    full = old.lr.total // 8
+    cfg, setup = _resume_setup(tmp_path, second_shards, tokenizer_dir, "ignore_data_fingerprint=true",
+                               f"train_steps={full + 1}")
+    with pytest.raises(KolmError, match=rf"total steps {old.total_steps} vs .*train_steps={full}\)") as caught:
+        check_resumable(ckpt, cfg, setup)  # a length asked for explicitly is not overridden
+    assert "would override" not in str(caught.value)
+    cfg, setup = _resume_setup(tmp_path, shards, tokenizer_dir, "epochs=3")  # same data, another length
+    with pytest.raises(KolmError, match=rf"total steps {old.total_steps} vs {setup.total_steps}.*train_steps={full}"):
+        check_resumable(ckpt, cfg, setup)

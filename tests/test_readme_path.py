@@ -26,7 +26,7 @@ TINY_CORPUS_VALID = (r"(shard(\.sbatch)? --input corpus/ --tokenizer data/tokeni
                      r"\1 --valid-fraction 0.05")
 LOCAL_EDITS = [  # (pattern, replacement): each must match in the block, or the README changed
     (r"--nproc-per-node 8 (-m kolm train --config \S+)", rf"--nproc-per-node 2 \1 {SHRINK}"),
-    (r"^(kolm train --config \S+ --check)$", rf"\1 {SHRINK}"),
+    (r"^(kolm train --config \S+ --check) --ranks 8$", rf"\1 --ranks 2 {SHRINK}"),
     (r"--max-new-tokens 64", "--max-new-tokens 8"),
     TINY_CORPUS_VALID,
 ]

@@ -224,8 +224,22 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a Phi model with DeepSpeed (under any launcher)")
     p.add_argument("--config", required=True, help="recipe YAML (see recipes/)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe keys")
-    p.add_argument("--check", action="store_true", help="validate the config and data, then exit")
+    p.add_argument("--check", action="store_true",
+                   help="run every start-up check of the real launch (config, data, batch layout, resume), then exit")
+    p.add_argument("--ranks", type=_positive, default=None, metavar="N",
+                   help="with --check: the number of ranks the real launch will use (default: the launcher's "
+                        "world size, or 1)")
     p.set_defaults(func=_train)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -234,11 +248,13 @@ def _train(args: argparse.Namespace) -> int:
     stop = GracefulStop()  # before the slow imports, so an early USR1/TERM cannot kill the run
     from kolm.train.config import load_config
 
+    if args.ranks is not None and not args.check:
+        raise KolmError("--ranks goes with --check; a real launch takes its rank count from the launcher")
     cfg = load_config(args.config, args.overrides)
     if args.check:
-        from kolm.train.setup import prepare
+        from kolm.train.precheck import check_launch
 
-        emit(f"config OK: {prepare(cfg).describe()}")
+        emit(check_launch(cfg, args.ranks))
         return 0
     from kolm.train.loop import train
 

@@ -6,7 +6,8 @@ size, BOS/EOS ids and maximum positions come from the tokenizer and the run conf
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+import math
+from dataclasses import dataclass, replace
 
 from kolm.errors import KolmError
 
@@ -42,19 +43,77 @@ PRESETS: dict[str, PhiShape] = {
 }
 
 
+# What each shape field may be, for `model_overrides`: (type, the check, the rule as the error says it).
+SHAPE_RULES: dict[str, tuple[type, object, str]] = {
+    "hidden_size": (int, lambda v: v >= 1, "a positive integer"),
+    "num_hidden_layers": (int, lambda v: v >= 1, "a positive integer"),
+    "num_attention_heads": (int, lambda v: v >= 1, "a positive integer"),
+    "intermediate_size": (int, lambda v: v >= 1, "a positive integer"),
+    "partial_rotary_factor": (float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "hidden_act": (str, lambda v: bool(v), "an activation name such as gelu_new"),
+    "rope_theta": (float, lambda v: 0 < v < math.inf, "a positive number"),
+    "layer_norm_eps": (float, lambda v: 0 < v < math.inf, "a positive number"),
+    "max_position_embeddings": (int, lambda v: v >= 1, "a positive integer"),
+    "vocab_size": (int, lambda v: v >= 1, "a positive integer"),
+}
+
+
+def check_overrides(overrides: dict) -> dict:
+    """`model_overrides` with every field known and of the right type and range; returns them typed."""
+    unknown = set(overrides) - set(SHAPE_RULES)
+    if unknown:
+        raise KolmError(f"unknown model field(s) {', '.join(sorted(map(str, unknown)))} in model_overrides; "
+                        f"allowed: {', '.join(sorted(SHAPE_RULES))}")
+    return {name: _typed(name, value) for name, value in overrides.items()}
+
+
+def _typed(name: str, value):
+    kind, holds, rule = SHAPE_RULES[name]
+    typed = _as(kind, value)
+    if typed is None or not holds(typed):
+        raise KolmError(f"`model_overrides.{name}` must be {rule}, got {value!r}")
+    return typed
+
+
+def _as(kind: type, value):
+    """``value`` as ``kind`` when it is one (numbers may come as text: YAML reads 1e-5 as a string), else None."""
+    if isinstance(value, bool):
+        return None
+    if kind is str:
+        return value if isinstance(value, str) else None
+    try:
+        number = float(value) if isinstance(value, (str, int, float)) else math.nan
+    except ValueError:
+        return None
+    if kind is int:
+        return int(number) if number.is_integer() else None
+    return number if math.isfinite(number) else None
+
+
+def check_shape(shape: PhiShape, name: str) -> None:
+    """The fields of a shape must fit together (the model would not build, or would be silently wrong)."""
+    if shape.hidden_size % shape.num_attention_heads:
+        raise KolmError(f"{name}: hidden_size {shape.hidden_size} is not divisible by num_attention_heads "
+                        f"{shape.num_attention_heads}; change either in model_overrides")
+    rotary = int(shape.head_dim * shape.partial_rotary_factor)
+    if rotary < 2 or rotary % 2:
+        raise KolmError(f"{name}: partial_rotary_factor {shape.partial_rotary_factor} of the head dimension "
+                        f"{shape.head_dim} (hidden_size / num_attention_heads) gives {rotary} rotary dimensions; "
+                        "rotary embeddings need an even number, at least 2: change partial_rotary_factor")
+    if shape.hidden_act != PRESETS["phi-1.5"].hidden_act:
+        from transformers.activations import ACT2FN
+
+        if shape.hidden_act not in ACT2FN:
+            raise KolmError(f"{name}: hidden_act {shape.hidden_act!r} is not an activation transformers knows; "
+                            f"use one of {', '.join(sorted(ACT2FN))}")
+
+
 def get_shape(name: str, **overrides) -> PhiShape:
-    """A preset by name, with optional field overrides (``hidden_size=...`` etc.)."""
+    """A preset by name, with optional field overrides (``hidden_size=...`` etc.), checked."""
     if name not in PRESETS:
         raise KolmError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
-    fields = set(asdict(PRESETS[name]))
-    unknown = set(overrides) - fields
-    if unknown:
-        raise KolmError(f"unknown model field(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(fields))}")
-    shape = replace(PRESETS[name], **overrides)
-    if shape.hidden_size % shape.num_attention_heads:
-        raise KolmError(
-            f"hidden_size {shape.hidden_size} is not divisible by num_attention_heads {shape.num_attention_heads}"
-        )
+    shape = replace(PRESETS[name], **check_overrides(overrides))
+    check_shape(shape, f"model {name}" + (" with model_overrides" if overrides else ""))
     return shape
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -15,11 +17,65 @@ import yaml
 from kolm.data.blend import parse_sources
 from kolm.errors import KolmError
 from kolm.model.documents import ATTENTION_MODES
+from kolm.model.presets import SHAPE_RULES, check_overrides
 from kolm.train.freeze import parse_groups
 from kolm.train.rampup import BatchSchedule
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
 WANDB_MODES = ("", "online", "offline", "disabled")
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The range a numeric key may take; ``meaning`` says what an edge value does."""
+
+    low: float
+    high: float = math.inf
+    open_low: bool = False  # low itself is not allowed
+    open_high: bool = False
+    meaning: str = ""
+
+    def holds(self, x: float) -> bool:
+        if not math.isfinite(x):
+            return False
+        above = x > self.low if self.open_low else x >= self.low
+        return above and (x < self.high if self.open_high else x <= self.high)
+
+    def text(self) -> str:
+        low = _number(self.low)
+        if self.high == math.inf:
+            said = f"{'>' if self.open_low else '>='} {low}"
+        else:
+            said = f"in {'(' if self.open_low else '['}{low}, {_number(self.high)}{')' if self.open_high else ']'}"
+        return said + (f" ({self.meaning})" if self.meaning else "")
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+AT_LEAST_1 = Bound(1)
+# The range of every numeric key of RunConfig (its defaults are below); zero_stage is one of ZERO_STAGES.
+BOUNDS: dict[str, Bound] = {
+    "seq_len": AT_LEAST_1, "vocab_multiple": AT_LEAST_1, "global_batch": AT_LEAST_1, "micro_batch": AT_LEAST_1,
+    "lr": Bound(0, open_low=True),
+    "min_lr": Bound(0),  # and at most lr
+    "weight_decay": Bound(0),
+    "adam_beta1": Bound(0, 1, open_high=True),
+    "adam_beta2": Bound(0, 1, open_high=True),
+    "adam_eps": Bound(0, open_low=True),
+    "warmup_steps": Bound(0),
+    "grad_clip": Bound(0, meaning="0: no clipping"),
+    "epochs": Bound(0, open_low=True),
+    "train_steps": Bound(0, meaning="0: derived from epochs and the data"),
+    "seed": Bound(0, 2**32 - 1),
+    "eval_every": AT_LEAST_1, "log_every": AT_LEAST_1, "save_every": AT_LEAST_1, "keep_checkpoints": AT_LEAST_1,
+    "eval_samples": Bound(0, meaning="0: the whole validation split"),
+    "max_nonfinite_steps": AT_LEAST_1,
+    "grad_spike_factor": Bound(0, meaning="0: no warning"),
+    "hang_timeout": Bound(0, meaning="0: no watchdog"),
+}
+ZERO_STAGES = (0, 1, 2, 3)
 
 
 @dataclass
@@ -55,10 +111,10 @@ class RunConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     warmup_steps: int = 10000
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # the largest gradient norm a step applies; 0: no clipping
     epochs: float = 2.0
     train_steps: int = 0  # 0: derived from epochs and the dataset size
-    seed: int = 1234
+    seed: int = 1234  # model initialisation and the order of the windows
     # --- DeepSpeed
     zero_stage: int = 2  # 0: plain data parallel (no ZeRO partitioning: one GPU), 1, 2 or 3
     deepspeed_config: str = ""  # a DeepSpeed JSON; "" = ds_configs/zero{stage}.json
@@ -92,12 +148,10 @@ class RunConfig:
         for name in ("data", "run_dir") if self.init_from else ("data", "tokenizer", "run_dir"):
             if not getattr(self, name):
                 raise KolmError(f"`{name}` is required: set it in the recipe or pass {name}=PATH")
-        positive = ("seq_len", "global_batch", "micro_batch", "log_every", "eval_every", "save_every",
-                    "keep_checkpoints", "vocab_multiple", "max_nonfinite_steps")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise KolmError(f"`{name}` must be at least 1, got {getattr(self, name)}")
-        if self.zero_stage not in (0, 1, 2, 3):
+        for name, bound in BOUNDS.items():
+            if not bound.holds(getattr(self, name)):
+                raise KolmError(f"`{name}` must be {bound.text()}, got {getattr(self, name)!r}")
+        if self.zero_stage not in ZERO_STAGES:
             raise KolmError(f"`zero_stage` must be 0 (plain data parallel), 1, 2 or 3, got {self.zero_stage}")
         if self.precision not in ("bf16", "fp32", "fp8"):
             raise KolmError(f"`precision` must be bf16, fp32 or fp8, got {self.precision!r}")
@@ -110,17 +164,12 @@ class RunConfig:
             raise KolmError(f"`wandb_mode` must be online, offline, disabled or empty, got {self.wandb_mode!r}")
         parse_sources(self.data)
         parse_groups(self.trainable)
+        check_overrides(self.model_overrides)
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise KolmError(f"`attn_implementation` must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, "
                             f"got {self.attn_implementation!r}")
-        if not 0 <= self.min_lr <= self.lr:
+        if self.min_lr > self.lr:
             raise KolmError(f"`min_lr` {self.min_lr} must be in [0, lr={self.lr}]")
-        if self.grad_spike_factor < 0:
-            raise KolmError(f"`grad_spike_factor` must be >= 0 (0 turns the warning off), got {self.grad_spike_factor}")
-        if self.hang_timeout < 0:
-            raise KolmError(f"`hang_timeout` must be >= 0 seconds (0 turns the watchdog off), got {self.hang_timeout}")
-        if self.warmup_steps < 0 or self.train_steps < 0 or self.epochs <= 0:
-            raise KolmError("`warmup_steps` and `train_steps` must be >= 0 and `epochs` > 0")
         if self.global_batch % self.micro_batch:
             raise KolmError(
                 f"global_batch {self.global_batch} is not a multiple of micro_batch {self.micro_batch}"
@@ -135,6 +184,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+@functools.cache
 def _field_types() -> dict[str, type]:
     hints = typing.get_type_hints(RunConfig)
     return {f.name: hints[f.name] for f in dataclasses.fields(RunConfig)}
@@ -177,7 +227,7 @@ def _coerce(key: str, value, kind: type, where: str):
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     elif kind is dict and isinstance(value, dict):
-        return value
+        return check_overrides(value)  # model_overrides, typed
     elif kind is list and (value is None or isinstance(value, list)):
         return [int(v) if isinstance(v, float) and v.is_integer() else v for v in value or []]
     return _bad(key, value, kind, where)
@@ -187,11 +237,60 @@ def _bad(key, value, kind, where):
     raise KolmError(f"config key `{key}` in {where} must be {kind.__name__}, got {value!r}")
 
 
+KINDS = {int: "an integer", float: "a number", bool: "true or false", list: "a list [a, b]", dict: "a mapping"}
+
+
+def _keeps_text(key: str) -> bool:
+    """A key whose value may be text keeps the text the user wrote (YAML would read 0123 as 83)."""
+    kind = _field_types().get(key)
+    return kind is str or str in typing.get_args(kind)
+
+
 def _parse_override(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise KolmError(f"override {text!r} is not key=value")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw else ""
+    key = key.strip()
+    kind = _field_types().get(key)
+    if kind is str:
+        return key, raw  # a path or a name, exactly as written
+    try:
+        return key, _load_yaml(raw, key) if raw else ""
+    except yaml.YAMLError as e:
+        if _keeps_text(key) or (kind is None and not key.startswith("model_overrides.")):
+            return key, raw  # text; or a key refused below as unknown
+        shape_rule = SHAPE_RULES.get(key.rpartition(".")[2], (None, None, "a value"))[2]
+        wanted = KINDS.get(kind, "a value") if kind else shape_rule
+        raise KolmError(f"override `{text}`: the value of `{key}` is not valid YAML ({getattr(e, 'problem', e)}); "
+                        f"give {wanted}") from None
+
+
+def _load_yaml(text: str, key: str | None = None):
+    """A YAML document; in a recipe (``key`` None), the scalar values of text keys as written,
+    and likewise for an override of such a key."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        value = loader.construct_document(node)
+        if key is not None:
+            return _written(node) if _keeps_text(key) and _written(node) is not None else value
+        if isinstance(value, dict) and isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                name = loader.construct_object(key_node)
+                if isinstance(name, str) and _keeps_text(name) and _written(value_node) is not None:
+                    value[name] = _written(value_node)
+        return value
+    finally:
+        loader.dispose()
+
+
+def _written(node: yaml.Node) -> str | None:
+    """A scalar's text as written (unquoted); None for anything else, and for null."""
+    if isinstance(node, yaml.ScalarNode) and node.tag != "tag:yaml.org,2002:null":
+        return node.value
+    return None
 
 
 def load_config(recipe: str | os.PathLike | None, overrides: list[str] = ()) -> RunConfig:
@@ -203,7 +302,7 @@ def load_config(recipe: str | os.PathLike | None, overrides: list[str] = ()) -> 
         if not path.is_file():
             raise KolmError(f"{path}: recipe not found")
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            loaded = _load_yaml(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise KolmError(f"{path}: not valid YAML ({e})") from e
         if not isinstance(loaded, dict):

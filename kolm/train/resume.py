@@ -11,25 +11,30 @@ from kolm.log import say
 from kolm.model.presets import untie_padding
 from kolm.train import checkpoint
 from kolm.train.config import RunConfig
+from kolm.train.lr_schedule import LRSchedule
 from kolm.train.setup import RunSetup
 from kolm.train.state import TrainState
 
 # Recipe keys a checkpoint's optimizer, learning-rate schedule, batch schedule or sample order were built from.
-# DeepSpeed restores those from the checkpoint, so a changed value would be silently ignored (or
-# fail deep inside the load): resuming refuses it. Everything else (micro_batch, node count,
-# eval/log/save cadence, grad_clip, activation_checkpointing) may change between restarts.
+# DeepSpeed restores the optimizer (Adam settings, weight decay, ZeRO layout, precision) from the checkpoint, and
+# the learning rate and batch follow from the consumed samples and these values: a changed one would be silently
+# ignored, make a schedule jump, or fail deep inside the load, so resuming refuses it. Everything else
+# (micro_batch, node count, eval/log/save cadence, grad_clip, activation_checkpointing) may change between restarts.
 FIXED_ON_RESUME = ("global_batch", "lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
                    "warmup_steps", "zero_stage", "precision", "trainable", "rampup_batch_size")
 
 
 def check_resumable(ckpt: checkpoint.Checkpoint, cfg: RunConfig, setup: RunSetup) -> None:
-    """Refuse a checkpoint of a different model, different data or a different schedule."""
+    """Refuse a checkpoint of a different model, different data or a different schedule. On data that
+    changed (ignore_data_fingerprint), an epochs-based run keeps the checkpoint's length: ``setup`` is updated."""
     saved = ckpt.marker.get("model_config")
     if saved is not None:
         check_same_model(ckpt, saved, cfg, setup)
     saved_fp = ckpt.marker.get("data_fingerprint")
     if saved_fp is not None:
         check_same_data(ckpt, saved_fp, setup, cfg)
+        if saved_fp != setup.train.fingerprint:
+            keep_run_length(ckpt, cfg, setup)
     check_same_schedule(ckpt, cfg, setup)
 
 
@@ -48,18 +53,45 @@ def check_same_model(ckpt: checkpoint.Checkpoint, saved: dict, cfg: RunConfig, s
         )
 
 
+def keep_run_length(ckpt: checkpoint.Checkpoint, cfg: RunConfig, setup: RunSetup) -> None:
+    """On changed data, an epochs-based run keeps the total steps (and so the learning-rate decay) it was
+    started with, as a fixed train_iters would: `epochs` of the new data would move the end of the run."""
+    saved, total = ckpt.marker.get("run_config", {}), ckpt.marker.get("total_steps")
+    same_batches = all(saved.get(k, getattr(cfg, k)) == getattr(cfg, k) for k in ("global_batch", "rampup_batch_size"))
+    by_epochs = not cfg.train_steps and not saved.get("train_steps") and saved.get("epochs", cfg.epochs) == cfg.epochs
+    if total is None or total == setup.total_steps or not (by_epochs and same_batches):
+        return
+    full_steps = full_batch_steps(setup, total)
+    say(f"ignore_data_fingerprint: the data changed; the run keeps the length {ckpt.tag} was written with, {total} "
+        f"steps ({full_steps} of the full batch) and its learning-rate decay (epochs={cfg.epochs:g} of the new data "
+        f"would make it {setup.total_steps} steps)")
+    setup.total_steps = total
+    setup.lr = LRSchedule.for_run(cfg.lr, cfg.min_lr, cfg.warmup_steps, full_steps, cfg.global_batch)
+
+
+def full_batch_steps(setup: RunSetup, total_steps: int) -> int:
+    """The `train_steps` (steps of the full batch) that make a run ``total_steps`` steps long."""
+    return setup.schedule.consumed_after(total_steps) // setup.schedule.global_batch
+
+
 def check_same_schedule(ckpt: checkpoint.Checkpoint, cfg: RunConfig, setup: RunSetup) -> None:
     """Refuse a recipe whose optimizer or schedule differs from the one the checkpoint was built with."""
     saved = {**ckpt.marker.get("run_config", {}), "total steps": ckpt.marker.get("total_steps")}
     mine = {**cfg.to_dict(), "total steps": setup.total_steps}
     diffs = [k for k in (*FIXED_ON_RESUME, "total steps") if saved.get(k) is not None and saved[k] != mine[k]]
-    if diffs:
-        shown = ", ".join(f"{k} {saved[k]!r} vs {mine[k]!r}" for k in diffs)
-        raise KolmError(
-            f"{cfg.run_dir} was started with different settings ({shown}; checkpoint vs recipe). The checkpoint's "
-            "optimizer and learning-rate schedule were built from the original values and would override the "
-            "recipe's: resume with the original values (see run_config.json), or start a new run_dir"
-        )
+    if not diffs:
+        return
+    shown = ", ".join(f"{k} {saved[k]!r} vs {mine[k]!r}" for k in diffs)
+    length = ""
+    if "total steps" in diffs and not {"global_batch", "rampup_batch_size"} & set(diffs):
+        length = f"; for its length, train_steps={full_batch_steps(setup, saved['total steps'])}"
+    raise KolmError(
+        f"{cfg.run_dir} was started with different settings ({shown}; checkpoint vs recipe). The checkpoint's "
+        "optimizer state comes back as it was built (Adam settings, weight decay, ZeRO layout, precision), and the "
+        "learning rate and batch follow from these values and the samples consumed, so the run would not continue "
+        f"as it began: resume with the original values (run_config.json in the run directory{length}), or start a "
+        "new run_dir"
+    )
 
 
 def check_same_data(ckpt: checkpoint.Checkpoint, saved_fp: dict, setup: RunSetup, cfg: RunConfig) -> None:

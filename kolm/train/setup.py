@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -103,9 +103,12 @@ class RunSetup:
         return self.ds_config["train_batch_size"]
 
 
-def prepare(cfg: RunConfig) -> RunSetup:
-    """Validate the whole run (data, tokenizer, model, batch layout) without touching devices."""
+def prepare(cfg: RunConfig, ranks: int | None = None) -> RunSetup:
+    """Validate the whole run (data, tokenizer, model, batch layout) without touching devices; ``ranks``
+    (`kolm train --check --ranks N`) checks for that many ranks instead of the launcher's."""
     env = distenv.detect()
+    if ranks is not None:
+        env = replace(env, world_size=ranks)
     source = weights_source(cfg)
     tok = load_tokenizer_info(cfg.tokenizer or _source_tokenizer(source))
     sources = parse_sources(cfg.data)
