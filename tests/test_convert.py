@@ -25,7 +25,19 @@ pytestmark = pytest.mark.dist
 PROMPT = "밥을 먹고 나면 늘 하는 생각이 있는데"
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+# What depends on the ZeRO layout (consolidation, logits, averaging) runs on both runs; the rest of the
+# command's behaviour (errors, interrupted writes, dtypes) does not, and runs on the ZeRO-2 run alone.
+EACH_STAGE = {"test_converted_model_matches_engine_and_generates_offline", "test_eval_of_export_and_checkpoint_agree",
+              "test_average_under_each_zero_stage_is_the_mean_of_the_checkpoints"}
+
+
+def pytest_generate_tests(metafunc):
+    if "run" in metafunc.fixturenames:
+        stages = [2, 3] if metafunc.function.__name__ in EACH_STAGE else [2]
+        metafunc.parametrize("run", stages, indirect=True, ids=[f"zero{s}" for s in stages], scope="module")
+
+
+@pytest.fixture(scope="module")
 def run(request, tmp_path_factory, shards, tokenizer_dir):
     root = tmp_path_factory.mktemp(f"zero{request.param}")
     # The ZeRO-3 run sizes its embedding rows to a multiple of 8 (not the default 64): convert must follow.

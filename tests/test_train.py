@@ -174,7 +174,8 @@ def test_check_catches_layout_and_data_errors_before_any_process_group(tmp_path,
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("stage", [1, 3])
+# ZeRO-3, whose hooks gather each block's parameters around the compiled forward, is the demanding case.
+@pytest.mark.parametrize("stage", [3])
 def test_compiled_blocks_train_to_the_same_losses(tmp_path, shards, tokenizer_dir, stage):
     runs = {}
     for compiled in (False, True):

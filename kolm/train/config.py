@@ -58,7 +58,7 @@ AT_LEAST_1 = Bound(1)
 # The range of every numeric key of RunConfig (its defaults are below); zero_stage is one of ZERO_STAGES.
 BOUNDS: dict[str, Bound] = {
     "seq_len": AT_LEAST_1, "vocab_multiple": AT_LEAST_1, "global_batch": AT_LEAST_1, "micro_batch": AT_LEAST_1,
-    "lr": Bound(0, open_low=True),
+    "lr": Bound(0, meaning="0: the weights do not move, e.g. to check a start or measure a step"),
     "min_lr": Bound(0),  # and at most lr
     "weight_decay": Bound(0),
     "adam_beta1": Bound(0, 1, open_high=True),
